@@ -1,0 +1,130 @@
+"""`SpielConfig`: every knob of a SpIEL adapter, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SpielConfig:
+    """Configuration of a SpIEL sparse-delta adapter.
+
+    Attributes:
+        density: Fraction of the targeted parameters that are trainable at any time, in (0, 1].
+        num_tunable_weights: Absolute number of trainable deltas over all targeted matrices.
+            Overrides `density` when set.
+        target_modules: Which modules get deltas: a list of module-name suffixes (``"q_proj"``
+            matches ``model.layers.0.self_attn.q_proj``) or a regular expression matched
+            against the full name. ``None`` targets every ``nn.Linear`` except the output head.
+        exclude_modules: Module-name suffixes never targeted (the output head by default).
+        regrowth: How dropped indices are replaced: ``"ag"`` (accumulated gradients, trained
+            with SparseAdamW) or ``"ma"`` (momentum approximation from SM3's row and column
+            accumulators: no dense gradient is ever computed).
+        reselection_steps: Optimizer steps between two drop-and-regrow updates (20 in the paper).
+        accumulation_steps: For ``"ag"``, how many optimizer steps before each update accumulate
+            full-weight gradients (all their micro-batches) for regrowth. Must be at most
+            ``reselection_steps``.
+        initial_reselection_rate: Fraction p of each matrix's active indices dropped at the
+            first update; p then decays to 0 at ``total_steps``.
+        reselection_rate_policy: ``"linear"`` or ``"cosine"`` decay of p.
+        full_first_reselection: If true, the first update drops *every* active index (p = 1)
+            and regrows the whole budget from the gradient (AG) or accumulator (MA) scores,
+            as the reference implementation does. The random initial set then only serves to
+            warm up the statistics: in effect a gradient-informed initialisation, after which
+            the normal decaying schedule applies.
+        ag_seed_optimizer_state: For ``"ag"``: seed the Adam moments of regrown deltas with the
+            mean and mean square of their accumulated gradients instead of zeros.
+        delta_dtype: dtype of the trainable deltas (``"float32"``, ``"bfloat16"``,
+            ``"float16"``). Optimizer state is always float32.
+        seed: Seed of the random initial index sets (identical on every rank).
+    """
+
+    density: float | None = 0.01
+    num_tunable_weights: int | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    regrowth: Literal["ag", "ma"] = "ag"
+    reselection_steps: int = 20
+    accumulation_steps: int = 5
+    initial_reselection_rate: float = 0.2
+    reselection_rate_policy: Literal["linear", "cosine"] = "linear"
+    full_first_reselection: bool = True
+    ag_seed_optimizer_state: bool = False
+    delta_dtype: str = "float32"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if isinstance(self.delta_dtype, torch.dtype):
+            self.delta_dtype = str(self.delta_dtype).removeprefix("torch.")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the field and the reason for any invalid value."""
+        if self.num_tunable_weights is None:
+            if self.density is None or not 0.0 < float(self.density) <= 1.0:
+                raise ValueError(
+                    f"SpielConfig.density must be in (0, 1], got {self.density!r}; "
+                    "or set num_tunable_weights to an absolute budget."
+                )
+        elif isinstance(self.num_tunable_weights, bool) or int(self.num_tunable_weights) < 1:
+            raise ValueError(
+                f"SpielConfig.num_tunable_weights must be a positive integer, got "
+                f"{self.num_tunable_weights!r}."
+            )
+        if self.regrowth not in ("ag", "ma"):
+            raise ValueError(f"SpielConfig.regrowth must be 'ag' or 'ma', got {self.regrowth!r}.")
+        if self.reselection_rate_policy not in ("linear", "cosine"):
+            raise ValueError(
+                "SpielConfig.reselection_rate_policy must be 'linear' or 'cosine', got "
+                f"{self.reselection_rate_policy!r}."
+            )
+        if int(self.reselection_steps) < 1:
+            raise ValueError(
+                f"SpielConfig.reselection_steps must be >= 1, got {self.reselection_steps!r}."
+            )
+        if not 1 <= int(self.accumulation_steps) <= int(self.reselection_steps):
+            raise ValueError(
+                f"SpielConfig.accumulation_steps must be in [1, reselection_steps="
+                f"{self.reselection_steps}], got {self.accumulation_steps!r}."
+            )
+        if not 0.0 <= float(self.initial_reselection_rate) <= 1.0:
+            raise ValueError(
+                "SpielConfig.initial_reselection_rate must be in [0, 1], got "
+                f"{self.initial_reselection_rate!r}."
+            )
+        if self.delta_dtype not in _DTYPES:
+            raise ValueError(
+                f"SpielConfig.delta_dtype must be one of {sorted(_DTYPES)}, got "
+                f"{self.delta_dtype!r}."
+            )
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ValueError(
+                "SpielConfig.target_modules must be a list of module names, a regex string or "
+                f"None, got {type(self.target_modules).__name__}."
+            )
+
+    @property
+    def torch_delta_dtype(self) -> torch.dtype:
+        return _DTYPES[self.delta_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpielConfig:
+        """Build from a dict (e.g. ``adapter_config.json``), rejecting unknown fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown SpielConfig field(s) {unknown}; known fields are {sorted(known)}."
+            )
+        return cls(**data)

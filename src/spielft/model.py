@@ -1,0 +1,489 @@
+"""`SpielModel`: a base model with sparse-delta adapters, and `get_spiel_model`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import SpielConfig
+from .layer import SparseDelta, SpielLayer, random_indices, split_budget, wrap_module
+from .optim import SM3, SparseAdamW
+from .selection import SpielSelector
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_TYPE = "spielft"
+FORMAT_VERSION = 1
+
+
+def _matches(name: str, target_modules: list[str] | str | None, exclude: list[str]) -> bool:
+    if any(name == e or name.endswith("." + e) for e in exclude):
+        return False
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.Module]:
+    """The modules ``config`` targets, by full name; a clear error if none or unsupported."""
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SpielLayer):
+            module = module.base_layer
+        if ".base_layer" in name or ".spiel_deltas" in name or not name:
+            continue
+        if not _matches(name, config.target_modules, config.exclude_modules):
+            continue
+        if config.target_modules is None:  # default: every supported linear but the head
+            if (
+                module is output_head
+                or wrap_module(module) is None
+                or not isinstance(module, nn.Linear)
+            ):
+                continue
+        elif wrap_module(module) is None:
+            if len(list(module.children())) > 0:  # a container whose name matched: skip
+                continue
+            raise ValueError(
+                f"SpielConfig.target_modules matched {name!r}, a {type(module).__name__}, "
+                "which spielft does not support; supported: nn.Linear. Narrow target_modules."
+            )
+        found[name] = module
+    if not found:
+        raise ValueError(
+            f"SpielConfig.target_modules={config.target_modules!r} matched no supported module "
+            f"of {type(model).__name__} (excluding {config.exclude_modules}). Module names "
+            f"look like {[n for n, _ in model.named_modules()][1:4]}."
+        )
+    return found
+
+
+class SpielModel(nn.Module):
+    """A base model whose targeted layers carry sparse deltas (one set per adapter).
+
+    The forward pass goes straight to the base model; attributes the wrapper lacks are looked
+    up on the base model (``generate``, ``config``, ...). All base weights are frozen; only the
+    active adapter's deltas are trainable.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: SpielConfig, adapter_name: str = "default"
+    ) -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, SpielConfig] = {}
+        self.active_adapters: list[str] = []
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    # -- layers and adapters -------------------------------------------------------------------
+    def spiel_layers(self) -> dict[str, SpielLayer]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpielLayer)}
+
+    def sparse_deltas(self, adapter_name: str | None = None) -> dict[str, SparseDelta]:
+        """Module name -> that module's delta for ``adapter_name`` (default: the active one)."""
+        adapter_name = adapter_name or self.active_adapter
+        return {
+            name: layer.spiel_deltas[adapter_name]
+            for name, layer in self.spiel_layers().items()
+            if adapter_name in layer.spiel_deltas
+        }
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def _wrap(self, name: str) -> SpielLayer:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        module = getattr(parent, child)
+        if isinstance(module, SpielLayer):
+            return module
+        layer = wrap_module(module)
+        if layer is None:
+            raise ValueError(f"module {name!r} ({type(module).__name__}) is not supported")
+        setattr(parent, child, layer)
+        return layer
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: SpielConfig,
+        state: dict[str, tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """Add an adapter: random initial indices, or ``state`` (module -> (indices, values))."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+        config.validate()
+        if state is None:
+            targets = find_target_modules(self.base_model, config)
+            layers = {name: self._wrap(name) for name in targets}
+            sizes = [layer.weight_shape[0] * layer.weight_shape[1] for layer in layers.values()]
+            total = sum(sizes)
+            budget = config.num_tunable_weights or round(float(config.density) * total)
+            if budget > total:
+                raise ValueError(
+                    f"SpielConfig.num_tunable_weights={budget} exceeds the {total} parameters of "
+                    f"the {len(layers)} targeted matrices; lower it or target more modules."
+                )
+            generator = torch.Generator().manual_seed(config.seed)
+            for (name, layer), k in zip(layers.items(), split_budget(budget, sizes), strict=True):
+                rows, cols = layer.weight_shape
+                indices = random_indices(rows * cols, k, generator)
+                device = layer.base_layer.weight.device
+                layer.add_delta(
+                    adapter_name,
+                    SparseDelta((rows, cols), indices, config.torch_delta_dtype, device),
+                )
+        else:
+            for name, (indices, values) in state.items():
+                layer = self._wrap(name)
+                device = layer.base_layer.weight.device
+                delta = SparseDelta(layer.weight_shape, indices, config.torch_delta_dtype, device)
+                with torch.no_grad():
+                    delta.values.copy_(values)
+                layer.add_delta(adapter_name, delta)
+        self.peft_config[adapter_name] = config
+        self._mark_trainable()
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activate one adapter, or several whose deltas add up; the first one is trainable."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing or not names:
+            raise ValueError(f"unknown adapter(s) {missing}; available: {list(self.peft_config)}")
+        self.active_adapters = names
+        for layer in self.spiel_layers().values():
+            layer.set_adapter(names)
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"unknown adapter {adapter_name!r}; available: {list(self.peft_config)}"
+            )
+        for layer in self.spiel_layers().values():
+            layer.delete_delta(adapter_name)
+        del self.peft_config[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        if not self.active_adapters and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def _mark_trainable(self) -> None:
+        trainable = self.active_adapters[0] if self.active_adapters else None
+        for layer in self.spiel_layers().values():
+            for name, delta in layer.spiel_deltas.items():
+                delta.values.requires_grad_(name == trainable)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block."""
+        layers = list(self.spiel_layers().values())
+        previous = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, value in zip(layers, previous, strict=True):
+                layer.disable_adapters = value
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str
+    ) -> None:
+        """A new adapter: union of the indices, weighted sum of the values (task arithmetic).
+
+        Exact for sparse deltas: its delta equals sum_i weight_i * delta_i, position by position.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("add_weighted_adapter needs one weight per adapter (and at least one)")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; available: {list(self.peft_config)}")
+        state: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, layer in self.spiel_layers().items():
+            parts = [
+                (layer.spiel_deltas[a], w)
+                for a, w in zip(adapters, weights, strict=True)
+                if a in layer.spiel_deltas
+            ]
+            if not parts:
+                continue
+            all_idx = torch.cat([d.indices.long() for d, _ in parts])
+            indices, inverse = torch.unique(all_idx, sorted=True, return_inverse=True)
+            weighted = torch.cat([d.values.detach().float() * w for d, w in parts])
+            values = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
+            state[name] = (indices, values.index_add_(0, inverse, weighted))
+        base = self.peft_config[adapters[0]]
+        config = SpielConfig.from_dict(
+            {
+                **base.to_dict(),
+                "num_tunable_weights": sum(v.numel() for _, v in state.values()) or None,
+                "delta_dtype": "float32",
+            }
+        )
+        self.add_adapter(adapter_name, config, state=state)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Write the active (or named) adapters into the base weights, reversibly."""
+        for layer in self.spiel_layers().values():
+            layer.merge(adapter_names or self.active_adapters)
+
+    def unmerge(self) -> None:
+        for layer in self.spiel_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain base model with W + delta in its weights; the wrapper is dismantled."""
+        self.merge()
+        return self.unload(keep_merged=True)
+
+    def unload(self, keep_merged: bool = False) -> nn.Module:
+        """Put the original layers back (unmerging first unless ``keep_merged``)."""
+        for name, layer in self.spiel_layers().items():
+            if not keep_merged:
+                layer.unmerge()
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, layer.base_layer)
+        return self.base_model
+
+    # -- parameters, optimizer, selector ----------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def create_optimizer(
+        self,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> torch.optim.Optimizer:
+        """SparseAdamW (``regrowth="ag"``) or SM3 (``"ma"``) over the trainable parameters.
+
+        The deltas get ``weight_decay`` (a pull toward the pretrained weights); other trainable
+        parameters, if any, get it too unless they are biases or norms (1-D).
+        """
+        config = self.peft_config[self.active_adapter]
+        deltas = {d.values: d for d in self.sparse_deltas().values()}
+        others = [p for p in self.parameters() if p.requires_grad and p not in deltas]
+        groups = [{"params": list(deltas), "weight_decay": weight_decay}]
+        decay = [p for p in others if p.ndim >= 2]
+        no_decay = [p for p in others if p.ndim < 2]
+        groups += [
+            g
+            for g in (
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
+        if config.regrowth == "ma":
+            return SM3(groups, lr=1e-3 if lr is None else lr, sparse_deltas=deltas, **kwargs)
+        return SparseAdamW(groups, lr=1e-4 if lr is None else lr, **kwargs)
+
+    def create_selector(self, optimizer: torch.optim.Optimizer, total_steps: int) -> SpielSelector:
+        return SpielSelector(self, optimizer, total_steps, self.active_adapter)
+
+    # -- saving and loading ------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None
+    ) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
+
+        The weights file also carries the whole config in its metadata and is replaced first,
+        so a save interrupted at any point leaves a loadable, self-consistent adapter.
+        """
+        adapter_name = adapter_name or self.active_adapter
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        deltas = self.sparse_deltas(adapter_name)
+        tensors: dict[str, Tensor] = {}
+        modules: dict[str, Any] = {}
+        for name, delta in deltas.items():
+            tensors[f"{name}.indices"] = (
+                delta.indices.detach()
+                .to("cpu", torch.int32 if delta.numel_dense < 2**31 else torch.int64)
+                .contiguous()
+            )
+            tensors[f"{name}.values"] = delta.values.detach().cpu().contiguous()
+            modules[name] = {"shape": list(delta.shape), "num_deltas": delta.values.numel()}
+        meta = {
+            "adapter_type": ADAPTER_TYPE,
+            "format_version": FORMAT_VERSION,
+            "base_model_name_or_path": getattr(
+                getattr(self.base_model, "config", None), "_name_or_path", None
+            ),
+            "config": self.peft_config[adapter_name].to_dict(),
+            "modules": modules,
+        }
+        text = json.dumps(meta, indent=2, sort_keys=True)
+        _atomic_write(
+            directory / ADAPTER_WEIGHTS_NAME,
+            lambda p: save_file(tensors, p, metadata={"spielft": text}),
+        )
+        _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+
+    def load_adapter(
+        self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Load a saved adapter under ``adapter_name`` (validated; never unpickled)."""
+        config, state = read_adapter(adapter_dir, self.base_model)
+        self.add_adapter(adapter_name, config, state=state)
+        if not is_trainable:
+            for delta in self.sparse_deltas(adapter_name).values():
+                delta.values.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter_dir: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> SpielModel:
+        """Wrap ``model`` with the adapter saved in ``adapter_dir``."""
+        config, state = read_adapter(adapter_dir, model)
+        spiel = cls.__new__(cls)
+        nn.Module.__init__(spiel)
+        spiel.base_model = model
+        spiel.peft_config = {}
+        spiel.active_adapters = []
+        for param in model.parameters():
+            param.requires_grad_(False)
+        spiel.add_adapter(adapter_name, config, state=state)
+        spiel.set_adapter(adapter_name)
+        if not is_trainable:
+            for delta in spiel.sparse_deltas(adapter_name).values():
+                delta.values.requires_grad_(False)
+        return spiel
+
+
+def get_spiel_model(
+    model: nn.Module, config: SpielConfig, adapter_name: str = "default"
+) -> SpielModel:
+    """Freeze ``model`` and give its targeted layers sparse deltas (random initial indices)."""
+    return SpielModel(model, config, adapter_name)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter(
+    adapter_dir: str | os.PathLike, model: nn.Module
+) -> tuple[SpielConfig, dict[str, tuple[Tensor, Tensor]]]:
+    """Read and validate a saved adapter against ``model``; raise a ValueError naming the problem."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}: not a spielft adapter folder"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
+    if "spielft" not in header:
+        raise ValueError(f"{path} has no spielft metadata: not an adapter saved by spielft")
+    meta = json.loads(header["spielft"])
+    if meta.get("adapter_type") != ADAPTER_TYPE:
+        raise ValueError(
+            f"{path}: adapter type {meta.get('adapter_type')!r} is not {ADAPTER_TYPE!r}"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: unknown format version {meta.get('format_version')!r} (this spielft reads "
+            f"version {FORMAT_VERSION}); upgrade spielft to load it"
+        )
+    config = SpielConfig.from_dict(meta["config"])
+    modules = dict(model.named_modules())
+    state: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, info in meta["modules"].items():
+        where = f"{path}, module {name!r}"
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(
+                f"{where}: the base model has no such module; is this the right base model?"
+            )
+        layer = module if isinstance(module, SpielLayer) else wrap_module(module)
+        if layer is None:
+            raise ValueError(f"{where}: {type(module).__name__} is not a supported layer type")
+        shape = tuple(info["shape"])
+        if shape != tuple(layer.weight_shape):
+            raise ValueError(
+                f"{where}: adapter was trained for shape {shape}, the base model has {tuple(layer.weight_shape)}"
+            )
+        try:
+            indices, values = tensors[f"{name}.indices"], tensors[f"{name}.values"]
+        except KeyError as err:
+            raise ValueError(f"{where}: tensor {err} is missing from the file") from err
+        if indices.dtype not in (torch.int32, torch.int64) or indices.ndim != 1:
+            raise ValueError(
+                f"{where}: indices must be a 1-D int32/int64 tensor, got {indices.dtype} {tuple(indices.shape)}"
+            )
+        if not values.is_floating_point() or values.shape != indices.shape:
+            raise ValueError(
+                f"{where}: values must be floating point with one per index, got {values.dtype} {tuple(values.shape)}"
+            )
+        if indices.numel() != info["num_deltas"]:
+            raise ValueError(
+                f"{where}: {indices.numel()} deltas stored, the config says {info['num_deltas']}"
+            )
+        idx = indices.long()
+        numel = shape[0] * shape[1]
+        if idx.numel() and (idx.min() < 0 or idx.max() >= numel):
+            raise ValueError(f"{where}: indices out of range for a {shape[0]}x{shape[1]} matrix")
+        order = torch.argsort(idx)
+        idx, values = idx[order], values[order]
+        if idx.numel() > 1 and (idx[1:] == idx[:-1]).any():
+            raise ValueError(f"{where}: duplicated indices")
+        state[name] = (idx, values)
+    return config, state

@@ -1,0 +1,195 @@
+"""Optimizers for sparse deltas whose index sets change during training.
+
+Both keep their state in float32 whatever the deltas' dtype, and both implement
+``reindex(param, source, init)``: after a drop-and-regrow update, slot ``i`` of ``param``
+takes the state of old slot ``source[i]``, or a fresh state where ``source[i] == -1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .layer import SparseDelta
+
+
+def _remap(state: Tensor, source: Tensor, init: Tensor | None = None) -> Tensor:
+    new = torch.zeros_like(state) if init is None else init.to(state).clone()
+    kept = source >= 0
+    new[kept] = state[source[kept]]
+    return new
+
+
+def _write(param: Tensor, update_fp32: Tensor) -> None:
+    """Store a float32 result into a (possibly lower-precision) parameter."""
+    if param.dtype == torch.float32:
+        param.copy_(update_fp32)
+    else:
+        param.copy_(update_fp32.to(param.dtype))
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW for sparse deltas.
+
+    Decoupled weight decay shrinks each delta toward zero, i.e. pulls the fine-tuned weight
+    toward the pretrained one. Moments are float32 per slot and follow their slot through
+    `reindex`; regrown slots start at zero, or at the values the selector supplies.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid SparseAdamW settings: lr={lr}, eps={eps}, wd={weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"SparseAdamW betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias1 = 1 - beta1**step
+                bias2 = 1 - beta2**step
+                denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
+                value = p.float()
+                if wd:
+                    value.mul_(1 - lr * wd)
+                value.addcdiv_(exp_avg, denom, value=-lr / bias1)
+                _write(p, value)
+        return loss
+
+    @torch.no_grad()
+    def reindex(
+        self, param: Tensor, source: Tensor, init: Mapping[str, Tensor] | None = None
+    ) -> None:
+        state = self.state.get(param)
+        if not state:
+            return
+        init = init or {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = _remap(state[key], source, init.get(key))
+
+
+class SM3(torch.optim.Optimizer):
+    """SM3 (Anil et al., 2019) with O(rows + cols) second-moment memory for sparse deltas.
+
+    For a delta at (i, j): nu = min(row[i], col[j]) + g^2, update = g / (sqrt(nu) + eps); then
+    row[i] and col[j] become the max of nu over the active entries of that row/column. Rows
+    and columns with no active entry keep their value. ``row * col`` is what SpIEL-MA ranks
+    inactive positions by. Parameters that are not sparse deltas get a per-element
+    accumulator (Adagrad). Optional momentum (a per-slot float32 buffer) is remapped on
+    regrowth; decoupled weight decay pulls deltas toward zero.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        eps: float = 1e-30,
+        weight_decay: float = 0.0,
+        sparse_deltas: Mapping[nn.Parameter, SparseDelta] | None = None,
+    ) -> None:
+        if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
+            raise ValueError(
+                f"invalid SM3 settings: lr={lr}, momentum={momentum}, wd={weight_decay}"
+            )
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))
+        # Which parameter is which delta: read at each step, since indices change. Kept out
+        # of param_groups so that state_dict() stays plain tensors.
+        self.sparse_deltas: dict[nn.Parameter, SparseDelta] = dict(sparse_deltas or {})
+
+    def _init_state(self, p: Tensor, delta: SparseDelta | None, momentum: float) -> dict:
+        state = self.state[p]
+        if delta is not None:
+            rows, cols = delta.shape
+            state["row_acc"] = torch.zeros(rows, dtype=torch.float32, device=p.device)
+            state["col_acc"] = torch.zeros(cols, dtype=torch.float32, device=p.device)
+        else:
+            state["acc"] = torch.zeros_like(p, dtype=torch.float32)
+        if momentum:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, eps, wd = (
+                group["lr"],
+                group["momentum"],
+                group["eps"],
+                group["weight_decay"],
+            )
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                delta = self.sparse_deltas.get(p)
+                state = self.state[p] or self._init_state(p, delta, momentum)
+                if delta is not None:
+                    idx = delta.indices.long()
+                    in_features = delta.shape[1]
+                    rows, cols = idx // in_features, idx % in_features
+                    row_acc, col_acc = state["row_acc"], state["col_acc"]
+                    nu = torch.minimum(row_acc[rows], col_acc[cols]).addcmul_(grad, grad)
+                    row_acc.scatter_reduce_(0, rows, nu, "amax", include_self=False)
+                    col_acc.scatter_reduce_(0, cols, nu, "amax", include_self=False)
+                else:
+                    nu = state["acc"].addcmul_(grad, grad)
+                update = grad / nu.sqrt().add_(eps)
+                if momentum:
+                    buf = state["momentum_buffer"]
+                    buf.mul_(momentum).add_(update, alpha=1 - momentum)
+                    update = buf
+                value = p.float()
+                if wd:
+                    value.mul_(1 - lr * wd)
+                value.add_(update, alpha=-lr)
+                _write(p, value)
+        return loss
+
+    def row_col_scores(self, param: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The (row, col) accumulators of a delta parameter, or None before its first step."""
+        state = self.state.get(param)
+        if not state or "row_acc" not in state:
+            return None
+        return state["row_acc"], state["col_acc"]
+
+    @torch.no_grad()
+    def reindex(
+        self, param: Tensor, source: Tensor, init: Mapping[str, Tensor] | None = None
+    ) -> None:
+        state = self.state.get(param)
+        if state and "momentum_buffer" in state:
+            state["momentum_buffer"] = _remap(state["momentum_buffer"], source)

@@ -1,0 +1,345 @@
+"""Drop and regrow: the SpIEL index-selection step and its schedule.
+
+Every ``reselection_steps`` optimizer steps, each matrix drops the fraction p of its active
+indices with the smallest |delta| and regrows as many inactive ones:
+
+* AG: by the |sum| of full-weight gradients accumulated (float32) over the
+  ``accumulation_steps`` optimizer steps before the update, all micro-batches included. Only
+  during those windows does backward compute a dense weight gradient. To bound memory, the
+  sums are kept for a candidate set only: the ``max(k, 2 * n_regrow)`` eligible positions with
+  the largest |gradient| in the window's first micro-batch (k = the matrix's number of
+  deltas), i.e. 16 bytes per candidate (int64 position, float32 sum, plus the ranking) while
+  the window is open, and nothing outside it.
+* MA: by ``row[i] * col[j]`` from SM3's accumulators, scored in row blocks so the transient
+  memory stays below ``_SCORE_BLOCK`` elements whatever the matrix size.
+
+"Eligible" means not active before the update, except at a full reselection (p = 1), where
+nothing is kept and every position may be chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .layer import SparseDelta
+
+if TYPE_CHECKING:
+    from .model import SpielModel
+
+logger = logging.getLogger(__name__)
+
+_SCORE_BLOCK = 1 << 22  # elements of row*col scores materialised at once (16 MB in float32)
+
+
+def reselection_rate(step: int, total_steps: int, initial_rate: float, policy: str) -> float:
+    """The fraction p of active indices dropped at ``step``: decays from initial_rate to 0."""
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    if policy == "linear":
+        return initial_rate * (1.0 - progress)
+    if policy == "cosine":
+        return initial_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown reselection_rate_policy {policy!r}")
+
+
+def _masked_topk(scores: Tensor, n: int) -> Tensor:
+    """Positions of the n largest finite scores (fewer if fewer are finite)."""
+    n = min(n, scores.numel())
+    values, positions = torch.topk(scores, n, sorted=False)
+    return positions[values > float("-inf")]
+
+
+def top_outer_product(row: Tensor, col: Tensor, n: int, exclude: Tensor | None) -> Tensor:
+    """Flat positions of the n largest ``row[i] * col[j]``, skipping the sorted ``exclude``.
+
+    Works in blocks of rows so that at most ``_SCORE_BLOCK`` scores exist at once.
+    """
+    rows, cols = row.numel(), col.numel()
+    block_rows = max(1, _SCORE_BLOCK // cols)
+    best_scores = row.new_empty(0)
+    best_positions = torch.empty(0, dtype=torch.long, device=row.device)
+    for r0 in range(0, rows, block_rows):
+        r1 = min(rows, r0 + block_rows)
+        scores = (row[r0:r1, None] * col[None, :]).view(-1)
+        if exclude is not None and exclude.numel():
+            lo, hi = torch.searchsorted(
+                exclude, torch.tensor([r0 * cols, r1 * cols], device=exclude.device)
+            ).tolist()
+            scores[exclude[lo:hi] - r0 * cols] = float("-inf")
+        top = _masked_topk(scores, n)
+        best_scores = torch.cat([best_scores, scores[top]])
+        best_positions = torch.cat([best_positions, top + r0 * cols])
+        if best_scores.numel() > n:
+            keep = torch.topk(best_scores, n, sorted=False).indices
+            best_scores, best_positions = best_scores[keep], best_positions[keep]
+    return best_positions
+
+
+class GradientAccumulator:
+    """AG statistics of one matrix during an accumulation window (called from backward)."""
+
+    def __init__(self, delta: SparseDelta, num_candidates: int, exclude_active: bool, group=None):
+        self.delta = delta
+        self.num_candidates = num_candidates
+        self.exclude_active = exclude_active
+        self.group = group
+        self.candidates: Tensor | None = None
+        self.grad_sum: Tensor | None = None
+        self.count = 0
+
+    def __call__(self, dense_grad: Tensor) -> None:
+        flat = dense_grad.reshape(-1)
+        if self.candidates is None:
+            ranking = flat.abs()  # a fresh tensor: the caller still needs dense_grad
+            if self.group is not None:
+                dist.all_reduce(ranking, group=self.group)
+            if self.exclude_active:
+                ranking[self.delta.indices.long()] = float("-inf")
+            self.candidates = _masked_topk(ranking, self.num_candidates).sort().values
+            self.grad_sum = torch.zeros(
+                self.candidates.numel(), dtype=torch.float32, device=flat.device
+            )
+        self.grad_sum += flat[self.candidates].float()
+        self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"candidates": self.candidates, "grad_sum": self.grad_sum, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.candidates, self.grad_sum, self.count = (
+            state["candidates"],
+            state["grad_sum"],
+            int(state["count"]),
+        )
+
+
+class SpielSelector:
+    """Runs the drop-and-regrow schedule of one adapter; call `step()` after each optimizer step.
+
+    Holds no hooks: during AG windows it sets ``SparseDelta.grad_capture``, and clears it
+    outside them and after ``total_steps``. ``state_dict()`` makes a resumed run continue
+    the schedule exactly (no restart at step 0, no second full reselection).
+    """
+
+    def __init__(
+        self,
+        model: SpielModel,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        adapter_name: str | None = None,
+    ) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.adapter_name = adapter_name or model.active_adapter
+        self.config = model.peft_config[self.adapter_name]
+        self.optimizer = optimizer
+        self.total_steps = int(total_steps)
+        self.deltas: dict[str, SparseDelta] = model.sparse_deltas(self.adapter_name)
+        if self.config.regrowth == "ma" and not hasattr(optimizer, "row_col_scores"):
+            raise ValueError(
+                "regrowth='ma' scores positions with SM3's row/column accumulators, but the "
+                f"optimizer is {type(optimizer).__name__}; create it with model.create_optimizer()."
+            )
+        self.step_count = 0
+        self.num_updates = 0
+        self.accumulators: dict[str, GradientAccumulator] = {}
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Our own group, so our collectives never interleave with DDP's gradient buckets.
+            self.group = dist.new_group()
+        self._arm()
+
+    # -- schedule ------------------------------------------------------------------------------
+    def next_update_step(self, after: int) -> int | None:
+        """The first update step strictly after ``after``, or None if the schedule is over."""
+        step = (after // self.config.reselection_steps + 1) * self.config.reselection_steps
+        return step if step < self.total_steps else None
+
+    def rate_at(self, step: int) -> float:
+        if self.num_updates == 0 and self.config.full_first_reselection:
+            return 1.0
+        return reselection_rate(
+            step,
+            self.total_steps,
+            self.config.initial_reselection_rate,
+            self.config.reselection_rate_policy,
+        )
+
+    def _num_to_regrow(self, delta: SparseDelta, rate: float) -> int:
+        return delta.values.numel() if rate >= 1.0 else int(rate * delta.values.numel())
+
+    def _arm(self) -> None:
+        """Turn dense-gradient capture on for the next step iff it is in an AG window."""
+        upcoming = self.next_update_step(self.step_count)
+        in_window = (
+            self.config.regrowth == "ag"
+            and upcoming is not None
+            and upcoming - (self.step_count + 1) < self.config.accumulation_steps
+        )
+        if not in_window:
+            for delta in self.deltas.values():
+                delta.grad_capture = None
+            self.accumulators.clear()
+            return
+        rate = self.rate_at(upcoming)
+        full = rate >= 1.0
+        for name, delta in self.deltas.items():
+            n = self._num_to_regrow(delta, rate)
+            if n == 0:
+                delta.grad_capture = None
+                continue
+            if name not in self.accumulators:
+                k = delta.values.numel()
+                eligible = delta.numel_dense - (0 if full else k)
+                self.accumulators[name] = GradientAccumulator(
+                    delta, min(eligible, max(k, 2 * n)), exclude_active=not full, group=self.group
+                )
+            delta.grad_capture = self.accumulators[name]
+
+    def close(self) -> None:
+        """Stop selecting: detach every capture and free the statistics."""
+        self.total_steps = min(self.total_steps, self.step_count)
+        self._arm()
+
+    # -- the update ----------------------------------------------------------------------------
+    def step(self) -> dict[str, float] | None:
+        """Count one optimizer step; run an update when one is due. Returns its statistics."""
+        self.step_count += 1
+        result = None
+        if (
+            self.step_count % self.config.reselection_steps == 0
+            and self.step_count < self.total_steps
+        ):
+            result = self.update()
+        self._arm()
+        return result
+
+    @torch.no_grad()
+    def update(self) -> dict[str, float]:
+        """Drop and regrow every matrix of the adapter now."""
+        start = time.perf_counter()
+        rate = self.rate_at(self.step_count)
+        changed = skipped = 0
+        for name, delta in self.deltas.items():
+            n_drop = self._num_to_regrow(delta, rate)
+            if n_drop == 0:
+                continue
+            grown, init = self._regrow(name, delta, n_drop, full=rate >= 1.0)
+            if grown is None:
+                skipped += 1
+                continue
+            changed += self._reassign(delta, grown, init)
+        self.num_updates += 1
+        self.accumulators.clear()
+        if skipped:
+            logger.warning(
+                "SpIEL update at step %d: %d matrices had no statistics (no backward pass in "
+                "the accumulation window, or no optimizer state yet) and kept their indices.",
+                self.step_count,
+                skipped,
+            )
+        if self.group is not None:
+            self._check_consistent()
+        return {
+            "spiel/reselection_rate": rate,
+            "spiel/indices_changed": float(changed),
+            "spiel/update_seconds": time.perf_counter() - start,
+        }
+
+    def _regrow(
+        self, name: str, delta: SparseDelta, n: int, full: bool
+    ) -> tuple[Tensor | None, dict[str, Tensor] | None]:
+        """Up to n new flat positions for ``delta`` (and optional optimizer-state seeds)."""
+        active = delta.indices.long()
+        if self.config.regrowth == "ma":
+            scores = self.optimizer.row_col_scores(delta.values)  # type: ignore[attr-defined]
+            if scores is None:
+                return None, None
+            return top_outer_product(*scores, n, None if full else active), None
+        acc = self.accumulators.get(name)
+        if acc is None or acc.candidates is None:
+            return None, None
+        grad_sum = acc.grad_sum
+        if self.group is not None:
+            grad_sum = grad_sum.clone()
+            dist.all_reduce(grad_sum, group=self.group)
+        chosen = _masked_topk(grad_sum.abs(), n)
+        grown = acc.candidates[chosen]
+        init = None
+        if self.config.ag_seed_optimizer_state:
+            mean = grad_sum[chosen] / self.config.accumulation_steps
+            init = {"exp_avg": mean, "exp_avg_sq": mean * mean}
+        return grown, init
+
+    def _reassign(self, delta: SparseDelta, grown: Tensor, init: dict[str, Tensor] | None) -> int:
+        """Keep the largest |delta|s, add ``grown``, sort; remap values and optimizer state."""
+        k = delta.values.numel()
+        active, magnitude = delta.indices.long(), delta.values.detach().float().abs()
+        while True:  # a regrown index is never one that stays active
+            n = grown.numel()
+            keep_slots = torch.topk(magnitude, k - n, sorted=False).indices
+            clash = torch.isin(grown, active[keep_slots])
+            if not clash.any():
+                break
+            grown = grown[~clash]
+            if init is not None:
+                init = {key: value[~clash] for key, value in init.items()}
+        new_indices = torch.cat([active[keep_slots], grown])
+        source = torch.cat(
+            [keep_slots, torch.full((n,), -1, dtype=torch.long, device=grown.device)]
+        )
+        order = torch.argsort(new_indices)
+        new_indices, source = new_indices[order], source[order]
+        seeds = None
+        if init is not None:
+            regrown_slots = (source < 0).nonzero().squeeze(1)
+            which = order[regrown_slots] - (k - n)  # position of each regrown slot in `grown`
+            seeds = {}
+            for key, value in init.items():
+                seeds[key] = torch.zeros(k, dtype=torch.float32, device=value.device)
+                seeds[key][regrown_slots] = value.float()[which]
+        delta.reassign(new_indices, source)
+        self.optimizer.reindex(delta.values, source, seeds)  # type: ignore[attr-defined]
+        return n
+
+    def _check_consistent(self) -> None:
+        """Fail loudly if ranks chose different indices (they must never diverge)."""
+        sums = torch.stack(
+            [(d.indices.long() * 2654435761 % 1000003).sum().double() for d in self.deltas.values()]
+        )
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        if not torch.equal(low, high):
+            bad = [n for n, lo, hi in zip(self.deltas, low, high, strict=True) if lo != hi]
+            raise RuntimeError(
+                f"SpIEL selection diverged across ranks at step {self.step_count} in {bad[:3]}: "
+                "indices differ between processes."
+            )
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "num_updates": self.num_updates,
+            "total_steps": self.total_steps,
+            "accumulators": {
+                n: a.state_dict() for n, a in self.accumulators.items() if a.candidates is not None
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.num_updates = int(state["num_updates"])
+        self.total_steps = int(state.get("total_steps", self.total_steps))
+        self.accumulators.clear()
+        self._arm()
+        for name, acc_state in state.get("accumulators", {}).items():
+            if name in self.accumulators:
+                self.accumulators[name].load_state_dict(acc_state)
