@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
 
-from .ops import GradCapture, WeightSource, merged_values, sparse_delta_linear
+from .ops import (
+    GradCapture,
+    WeightSource,
+    merged_values,
+    sparse_delta_embedding,
+    sparse_delta_linear,
+)
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -140,9 +148,15 @@ class SpielLayer(nn.Module):
             return []
         return [self.spiel_deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
 
-    def combined_delta(self) -> tuple[Tensor, Tensor, list[GradCapture]] | None:
-        """Sorted unique indices and summed values of all live deltas (differentiable)."""
-        deltas = [d for d in self.live_deltas() if d.values.numel() > 0]
+    def combined_delta(
+        self, deltas: list[SparseDelta] | None = None
+    ) -> tuple[Tensor, Tensor, list[GradCapture]] | None:
+        """Sorted unique indices and summed values of ``deltas`` (default: all live deltas).
+
+        Differentiable with respect to the deltas' values.
+        """
+        deltas = self.live_deltas() if deltas is None else deltas
+        deltas = [d for d in deltas if d.values.numel() > 0]
         if not deltas:
             return None
         captures = [d.grad_capture for d in deltas if d.grad_capture is not None]
@@ -215,13 +229,267 @@ class SpielLinear(SpielLayer):
         )
 
 
+class SpielConv1D(SpielLayer):
+    """transformers' ``Conv1D`` (GPT-2) with sparse deltas: ``x @ (W + delta) + b``.
+
+    ``Conv1D`` stores its weight transposed, (in, out). The flat indices address that stored
+    layout row-major (``weight_shape`` is (in, out)), so merging writes straight into it.
+    """
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return tuple(self.base_layer.weight.shape)  # type: ignore[return-value]
+
+    def weight_source(self) -> WeightSource:
+        return self.base_layer.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        combined = self.combined_delta()
+        if combined is None:
+            return self.base_layer(x)
+        indices, values, captures = combined
+        return sparse_delta_linear(
+            x,
+            self.weight_source(),
+            self.base_layer.bias,
+            indices,
+            values,
+            captures,
+            transposed=True,
+        )
+
+
+class SpielEmbedding(SpielLayer):
+    """``nn.Embedding`` with sparse deltas on its entries: a lookup in ``W + delta``.
+
+    Indices address the (num_embeddings, dim) weight row-major. ``padding_idx``,
+    ``max_norm``, ``norm_type`` and ``scale_grad_by_freq`` behave as in ``F.embedding`` on
+    the dense ``W + delta``, except that ``max_norm`` rescales the looked-up rows instead of
+    renormalising W in place (the frozen weight never changes). The deltas' gradient only
+    involves the rows that occur in the batch.
+
+    Not targeted by default: name it in ``SpielConfig.target_modules``. An embedding whose
+    weight is tied to another module (e.g. the output head) is refused by `SpielModel`.
+    """
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return tuple(self.base_layer.weight.shape)  # type: ignore[return-value]
+
+    def weight_source(self) -> WeightSource:
+        return self.base_layer.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        combined = self.combined_delta()
+        if combined is None:
+            return self.base_layer(ids)
+        indices, values, captures = combined
+        base = self.base_layer
+        return sparse_delta_embedding(
+            ids,
+            self.weight_source(),
+            indices,
+            values,
+            captures,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+        )
+
+
+class SpielQuantLinear(SpielLayer):
+    """Base of the bitsandbytes (4-bit / 8-bit) linear layers with sparse deltas.
+
+    ``weight_source()`` is a callable that dequantizes the base weight into a fresh dense
+    (out, in) tensor in the compute dtype; the op adds the deltas to it (in the compute
+    dtype), uses it and drops it. The quantized weight is never modified, and no dense copy
+    outlives a forward or backward call. `merge` refuses (it would have to requantize);
+    `dequantized_linear` builds a plain ``nn.Linear`` holding dequantized W + delta instead
+    (used by ``SpielModel.merge_and_unload(dequantize=True)``).
+    """
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.base_layer.out_features, self.base_layer.in_features)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """A fresh dense (out, in) copy of the base weight in ``dtype`` (no deltas)."""
+        raise NotImplementedError
+
+    def compute_dtype(self, x: Tensor | None = None) -> torch.dtype:
+        """The dtype the layer computes in for input ``x`` (without ``x``: for merging)."""
+        raise NotImplementedError
+
+    def weight_source(self, dtype: torch.dtype | None = None) -> WeightSource:
+        return functools.partial(self.dequantize, dtype or self.compute_dtype())
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return self.base_layer(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        combined = self.combined_delta()
+        if combined is None:
+            return self._base_forward(x)
+        indices, values, captures = combined
+        dtype = self.compute_dtype(x)
+        out = sparse_delta_linear(
+            x.to(dtype), self.weight_source(dtype), self.base_layer.bias, indices, values, captures
+        )
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def dequantized_linear(
+        self, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight dequantized W + the named adapters' deltas.
+
+        W + delta is formed exactly as the forward pass forms it (in the compute dtype, the
+        deltas of several adapters summed first), then stored in ``dtype`` (default: the
+        compute dtype). The result is frozen; nothing is ever requantized.
+        """
+        compute = self.compute_dtype()
+        weight = self.dequantize(compute)
+        names = self.active_adapters if adapter_names is None else adapter_names
+        combined = self.combined_delta(
+            [self.spiel_deltas[n] for n in names if n in self.spiel_deltas]
+        )
+        if combined is not None:
+            indices, values, _ = combined
+            flat = weight.view(-1)
+            idx = indices.long()
+            flat[idx] = merged_values(flat[idx], values.detach())
+        dtype = dtype or compute
+        base = self.base_layer
+        linear = nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        return linear.requires_grad_(False)
+
+
+class SpielLinear4bit(SpielQuantLinear):
+    """bitsandbytes ``Linear4bit`` (NF4 / FP4, with or without double quantization).
+
+    Computes like ``Linear4bit``: the input is cast to the layer's ``compute_dtype`` (set
+    from the first input if it was not given, as bitsandbytes does) and the output back to
+    the input's dtype. bitsandbytes' CPU inference repacking (an AVX512-BF16 layout whose
+    statistics are rounded to bf16) is turned off while this layer calls its base, so the
+    quantized weight stays exactly as it was quantized.
+    """
+
+    def compute_dtype(self, x: Tensor | None = None) -> torch.dtype:
+        base = self.base_layer
+        if x is not None:
+            if not getattr(base, "compute_type_is_set", True):
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
+            return base.compute_dtype or x.dtype
+        if base.compute_dtype is not None:
+            return base.compute_dtype
+        state = getattr(base.weight, "quant_state", None)
+        return state.dtype if state is not None else base.weight.dtype
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        weight = self.base_layer.weight
+        state = getattr(weight, "quant_state", None) or getattr(
+            self.base_layer, "quant_state", None
+        )
+        if state is None:  # not quantized yet (still on the meta device or before .to())
+            return weight.data.to(dtype, copy=True).reshape(self.weight_shape).contiguous()
+        import bitsandbytes.functional as bnbf
+
+        if getattr(state, "packing_format_for_cpu", False):
+            # Packed by an earlier eval-mode call of the bare layer: back to the canonical
+            # layout, as bitsandbytes itself does before saving.
+            weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
+                weight.data, state
+            )
+            state = weight.quant_state
+        dense = bnbf.dequantize_4bit(weight.data, state)
+        return dense.to(dtype).reshape(self.weight_shape).contiguous()
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        if not getattr(base, "support_avx512bf16_for_cpu", False):
+            return base(x)
+        base.support_avx512bf16_for_cpu = False
+        try:
+            return base(x)
+        finally:
+            base.support_avx512bf16_for_cpu = True
+
+
+class SpielLinear8bit(SpielQuantLinear):
+    """bitsandbytes ``Linear8bitLt`` (LLM.int8 weights: int8 rows and a scale per row).
+
+    With deltas, the layer computes in the input's dtype with the dequantized weight
+    ``CB * SCB / 127`` (+ delta), where bitsandbytes' own forward would also quantize the
+    input; without live deltas it calls the base layer. For merging, the compute dtype is
+    the bias's dtype (bitsandbytes casts the bias to the input dtype), else float32.
+    """
+
+    def compute_dtype(self, x: Tensor | None = None) -> torch.dtype:
+        if x is not None:
+            return x.dtype
+        bias = self.base_layer.bias
+        if bias is not None and bias.is_floating_point():
+            return bias.dtype
+        weight = self.base_layer.weight
+        return weight.dtype if weight.is_floating_point() else torch.float32
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        weight = self.base_layer.weight
+        if weight.dtype != torch.int8:  # not quantized (yet), or has_fp16_weights=True
+            return weight.data.to(dtype, copy=True).contiguous()
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(self.base_layer.state, "SCB", None)
+        if scb is None:
+            raise RuntimeError(
+                "Linear8bitLt has int8 weights but no row scales (SCB): cannot dequantize"
+            )
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.int8_vectorwise_dequant(weight.data, scb).to(dtype).contiguous()
+
+
 def wrap_module(module: nn.Module) -> SpielLayer | None:
-    """The sparse-delta layer for ``module``, or None if its type is not supported."""
+    """The sparse-delta layer for ``module``, or None if its type is not supported.
+
+    Supported: ``nn.Linear``, ``nn.Embedding`` (exact types: subclasses may override
+    ``forward``), transformers' ``Conv1D``, and bitsandbytes' ``Linear4bit`` and
+    ``Linear8bitLt`` (and their subclasses). The bitsandbytes layers subclass ``nn.Linear``,
+    so they are checked first. Neither library is imported here: a module can only be one
+    of their layers if the library is already loaded.
+    """
     if isinstance(module, SpielLayer):
         return module
+    bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    if bnb_nn is not None and isinstance(module, nn.Linear):
+        if isinstance(module, bnb_nn.Linear4bit):
+            return SpielLinear4bit(module)
+        if isinstance(module, bnb_nn.Linear8bitLt):
+            return SpielLinear8bit(module)
     if type(module) is nn.Linear:
         return SpielLinear(module)
+    if type(module) is nn.Embedding:
+        return SpielEmbedding(module)
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    if pytorch_utils is not None and type(module) is getattr(pytorch_utils, "Conv1D", None):
+        return SpielConv1D(module)
     return None
+
+
+SUPPORTED_LAYERS = (
+    "nn.Linear, nn.Embedding, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt"
+)
 
 
 def split_budget(total: int, sizes: list[int]) -> list[int]:

@@ -17,8 +17,17 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import SpielConfig
-from .layer import SparseDelta, SpielLayer, random_indices, split_budget, wrap_module
-from .optim import SM3, SparseAdamW
+from .layer import (
+    SUPPORTED_LAYERS,
+    SparseDelta,
+    SpielEmbedding,
+    SpielLayer,
+    SpielQuantLinear,
+    random_indices,
+    split_budget,
+    wrap_module,
+)
+from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -37,9 +46,62 @@ def _matches(name: str, target_modules: list[str] | str | None, exclude: list[st
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _own_weight(module: nn.Module) -> Tensor | None:
+    return dict(module.named_parameters(recurse=False)).get("weight")
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """id(weight parameter) -> the modules that hold it as their own ``weight``."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        weight = _own_weight(module)
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module)
+    return owners
+
+
+def tied_weight_users(
+    model: nn.Module, module: nn.Module, owners: dict[int, list[nn.Module]] | None = None
+) -> list[str]:
+    """Names of the other modules of ``model`` whose own ``weight`` is ``module``'s weight."""
+    if isinstance(module, SpielLayer):
+        module = module.base_layer
+    weight = _own_weight(module)
+    if weight is None:
+        return []
+    owners = _weight_owners(model) if owners is None else owners
+    others = [m for m in owners.get(id(weight), []) if m is not module]
+    if not others:
+        return []
+    return [
+        name.removesuffix(".base_layer")
+        for name, m in model.named_modules()
+        if any(m is o for o in others)
+    ]
+
+
+def _refuse_tied(name: str, users: list[str]) -> None:
+    raise ValueError(
+        f"module {name!r} shares its weight with {users} (tied weights, e.g. an input "
+        "embedding tied to the output head). Sparse deltas are added to the weight only inside "
+        f"{name!r}'s own forward, so the tied module(s) would ignore them until a merge, and a "
+        "merge would change both: spielft refuses this. Untie first (e.g. "
+        "model.config.tie_word_embeddings = False and "
+        "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())), or do "
+        "not target it."
+    )
+
+
 def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.Module]:
-    """The modules ``config`` targets, by full name; a clear error if none or unsupported."""
+    """The modules ``config`` targets, by full name; a clear error if none or unsupported.
+
+    By default (``target_modules=None``) every supported linear layer (``nn.Linear``,
+    bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``) except the output
+    head; embeddings only when named. Modules with tied weights are skipped by default and
+    refused when named.
+    """
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    owners = _weight_owners(model)
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, SpielLayer):
@@ -49,10 +111,12 @@ def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.M
         if not _matches(name, config.target_modules, config.exclude_modules):
             continue
         if config.target_modules is None:  # default: every supported linear but the head
+            layer = wrap_module(module)
             if (
                 module is output_head
-                or wrap_module(module) is None
-                or not isinstance(module, nn.Linear)
+                or layer is None
+                or isinstance(layer, SpielEmbedding)
+                or tied_weight_users(model, module, owners)
             ):
                 continue
         elif wrap_module(module) is None:
@@ -60,8 +124,13 @@ def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.M
                 continue
             raise ValueError(
                 f"SpielConfig.target_modules matched {name!r}, a {type(module).__name__}, "
-                "which spielft does not support; supported: nn.Linear. Narrow target_modules."
+                f"which spielft does not support; supported: {SUPPORTED_LAYERS}. Narrow "
+                "target_modules."
             )
+        else:
+            users = tied_weight_users(model, module, owners)
+            if users:
+                _refuse_tied(name, users)
         found[name] = module
     if not found:
         raise ValueError(
@@ -120,7 +189,7 @@ class SpielModel(nn.Module):
     def active_adapter(self) -> str:
         return self.active_adapters[0]
 
-    def _wrap(self, name: str) -> SpielLayer:
+    def _wrap(self, name: str, owners: dict[int, list[nn.Module]] | None = None) -> SpielLayer:
         parent_name, _, child = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
         module = getattr(parent, child)
@@ -128,7 +197,13 @@ class SpielModel(nn.Module):
             return module
         layer = wrap_module(module)
         if layer is None:
-            raise ValueError(f"module {name!r} ({type(module).__name__}) is not supported")
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is not supported; supported: "
+                f"{SUPPORTED_LAYERS}"
+            )
+        users = tied_weight_users(self.base_model, module, owners)
+        if users:
+            _refuse_tied(name, users)
         setattr(parent, child, layer)
         return layer
 
@@ -144,7 +219,8 @@ class SpielModel(nn.Module):
         config.validate()
         if state is None:
             targets = find_target_modules(self.base_model, config)
-            layers = {name: self._wrap(name) for name in targets}
+            owners = _weight_owners(self.base_model)
+            layers = {name: self._wrap(name, owners) for name in targets}
             sizes = [layer.weight_shape[0] * layer.weight_shape[1] for layer in layers.values()]
             total = sum(sizes)
             budget = config.num_tunable_weights or round(float(config.density) * total)
@@ -154,7 +230,7 @@ class SpielModel(nn.Module):
                     f"the {len(layers)} targeted matrices; lower it or target more modules."
                 )
             generator = torch.Generator().manual_seed(config.seed)
-            for (name, layer), k in zip(layers.items(), split_budget(budget, sizes), strict=True):
+            for layer, k in zip(layers.values(), split_budget(budget, sizes), strict=True):
                 rows, cols = layer.weight_shape
                 indices = random_indices(rows * cols, k, generator)
                 device = layer.base_layer.weight.device
@@ -163,8 +239,9 @@ class SpielModel(nn.Module):
                     SparseDelta((rows, cols), indices, config.torch_delta_dtype, device),
                 )
         else:
+            owners = _weight_owners(self.base_model)
             for name, (indices, values) in state.items():
-                layer = self._wrap(name)
+                layer = self._wrap(name, owners)
                 device = layer.base_layer.weight.device
                 delta = SparseDelta(layer.weight_shape, indices, config.torch_delta_dtype, device)
                 with torch.no_grad():
@@ -261,10 +338,51 @@ class SpielModel(nn.Module):
         for layer in self.spiel_layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """The plain base model with W + delta in its weights; the wrapper is dismantled."""
-        self.merge()
-        return self.unload(keep_merged=True)
+    def merge_and_unload(
+        self, dequantize: bool = False, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """The plain base model with W + delta in its weights; the wrapper is dismantled.
+
+        A quantized (bitsandbytes) weight cannot take the deltas without being requantized,
+        which would silently lose most of them, so with quantized layers this raises unless
+        ``dequantize=True``. Then every bitsandbytes ``Linear4bit``/``Linear8bitLt`` of the
+        model, targeted or not, becomes a plain frozen ``nn.Linear`` holding the dequantized W
+        (+ the active adapters' deltas), formed in the layer's compute dtype exactly as the
+        forward pass forms it, and stored in ``dtype`` (default: that compute dtype; pass the
+        dtype the rest of the model runs in if it differs, since a plain ``nn.Linear`` does not
+        cast its input as ``Linear4bit`` does). Nothing is ever requantized; quantize the
+        result yourself if you want a quantized merged model. ``dtype`` only applies to the
+        dequantized layers.
+        """
+        layers = self.spiel_layers()
+        quantized = [n for n, layer in layers.items() if isinstance(layer, SpielQuantLinear)]
+        if not dequantize:
+            if quantized:
+                raise TypeError(
+                    f"{len(quantized)} targeted layers are quantized (e.g. {quantized[0]!r}): "
+                    "merging into them would requantize and lose the deltas. Use "
+                    "merge_and_unload(dequantize=True) to get a dequantized model with the "
+                    "deltas merged."
+                )
+            self.merge()
+            return self.unload(keep_merged=True)
+        for name, layer in layers.items():
+            if isinstance(layer, SpielQuantLinear):
+                replacement = layer.dequantized_linear(self.active_adapters, dtype)
+            else:
+                layer.merge(self.active_adapters)
+                replacement = layer.base_layer
+            self._set_module(name, replacement)
+        for name, module in list(self.base_model.named_modules()):
+            layer = wrap_module(module)
+            if isinstance(layer, SpielQuantLinear):  # an untargeted quantized layer
+                self._set_module(name, layer.dequantized_linear([], dtype))
+        return self.base_model
+
+    def _set_module(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        setattr(parent, child, module)
 
     def unload(self, keep_merged: bool = False) -> nn.Module:
         """Put the original layers back (unmerging first unless ``keep_merged``)."""
@@ -278,8 +396,9 @@ class SpielModel(nn.Module):
 
     # -- parameters, optimizer, selector ----------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """(trainable, total) parameter counts; a packed 4-bit weight counts as in peft."""
+        trainable = sum(_num_params(p) for p in self.parameters() if p.requires_grad)
+        total = sum(_num_params(p) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -293,14 +412,24 @@ class SpielModel(nn.Module):
         self,
         lr: float | None = None,
         weight_decay: float = 0.0,
+        optim_bits: int = 32,
         **kwargs: Any,
     ) -> torch.optim.Optimizer:
         """SparseAdamW (``regrowth="ag"``) or SM3 (``"ma"``) over the trainable parameters.
 
         The deltas get ``weight_decay`` (a pull toward the pretrained weights); other trainable
         parameters, if any, get it too unless they are biases or norms (1-D).
+        ``optim_bits=8`` gives `SparseAdamW8bit` (Adam moments stored blockwise in 8 bits);
+        only for ``"ag"``: SM3's state is already O(rows + cols) per matrix.
         """
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
         config = self.peft_config[self.active_adapter]
+        if optim_bits == 8 and config.regrowth == "ma":
+            raise ValueError(
+                "optim_bits=8 stores SparseAdamW's moments in 8 bits (regrowth='ag'); "
+                "regrowth='ma' uses SM3, whose state is already O(rows + cols) per matrix."
+            )
         deltas = {d.values: d for d in self.sparse_deltas().values()}
         others = [p for p in self.parameters() if p.requires_grad and p not in deltas]
         groups = [{"params": list(deltas), "weight_decay": weight_decay}]
@@ -316,7 +445,8 @@ class SpielModel(nn.Module):
         ]
         if config.regrowth == "ma":
             return SM3(groups, lr=1e-3 if lr is None else lr, sparse_deltas=deltas, **kwargs)
-        return SparseAdamW(groups, lr=1e-4 if lr is None else lr, **kwargs)
+        adamw = SparseAdamW8bit if optim_bits == 8 else SparseAdamW
+        return adamw(groups, lr=1e-4 if lr is None else lr, **kwargs)
 
     def create_selector(self, optimizer: torch.optim.Optimizer, total_steps: int) -> SpielSelector:
         return SpielSelector(self, optimizer, total_steps, self.active_adapter)
@@ -395,6 +525,13 @@ class SpielModel(nn.Module):
         return spiel
 
 
+def _num_params(param: Tensor) -> int:
+    """Parameter count; a packed bitsandbytes 4-bit weight holds 2 per byte (as peft counts)."""
+    if type(param).__name__ == "Params4bit" and getattr(param, "bnb_quantized", False):
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def get_spiel_model(
     model: nn.Module, config: SpielConfig, adapter_name: str = "default"
 ) -> SpielModel:
@@ -445,6 +582,7 @@ def read_adapter(
         )
     config = SpielConfig.from_dict(meta["config"])
     modules = dict(model.named_modules())
+    owners = _weight_owners(model)
     state: dict[str, tuple[Tensor, Tensor]] = {}
     for name, info in meta["modules"].items():
         where = f"{path}, module {name!r}"
@@ -455,7 +593,13 @@ def read_adapter(
             )
         layer = module if isinstance(module, SpielLayer) else wrap_module(module)
         if layer is None:
-            raise ValueError(f"{where}: {type(module).__name__} is not a supported layer type")
+            raise ValueError(
+                f"{where}: {type(module).__name__} is not a supported layer type (supported: "
+                f"{SUPPORTED_LAYERS})"
+            )
+        users = tied_weight_users(model, module, owners)
+        if users:
+            _refuse_tied(name, users)
         shape = tuple(info["shape"])
         if shape != tuple(layer.weight_shape):
             raise ValueError(

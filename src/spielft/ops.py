@@ -5,10 +5,15 @@ weights at ``indices`` are patched in place, used, and restored bit for bit (O(k
 deltas' gradient is an SDDMM (for each active (i, j): sum over tokens of g[t, i] * x[t, j]):
 a sampled matmul for sparse index sets, a dense GEMM plus gather only when the index set is so
 dense that the GEMM is faster, or when the selector asks for the full weight gradient (AG).
+
+The same op handles weights stored transposed (transformers' ``Conv1D``: ``y = x @ W + b``)
+and quantized bases (``weight`` is then a dequantizing callable). `sparse_delta_embedding` is
+the embedding-lookup counterpart, whose backward touches only the rows that occur in the batch.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -20,17 +25,21 @@ from torch import Tensor
 # (bench/bench_sddmm.py: 1536 x 576, 1024 tokens: 3.5 ms vs 11 ms at 1%, 14 ms vs 10 ms at 20%).
 DENSE_SDDMM_DENSITY = 0.12
 
+# The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
 GradCapture = Callable[[Tensor], None]
 WeightSource = Tensor | Callable[[], Tensor]
 
 
 def merged_values(base: Tensor, values: Tensor) -> Tensor:
-    """W[idx] + delta, added in float32 and rounded once to W's dtype.
+    """W[idx] + delta, added in (at least) float32 and rounded once to W's dtype.
 
     Forward, merge and unmerge all use this one formula, so a merged model's logits equal the
     unmerged model's exactly, in bf16/fp16 too.
     """
-    return (base.float() + values.float()).to(base.dtype)
+    dtype = torch.promote_types(base.dtype, torch.float32)
+    return (base.to(dtype) + values.to(dtype)).to(base.dtype)
 
 
 @contextmanager
@@ -80,12 +89,18 @@ def sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) 
         idx % in_features,
         torch.zeros(k, dtype=dtype, device=idx.device),
         (out_features, in_features),
+        check_invariants=False,  # built from sorted, unique, in-range indices
     )
     return torch.sparse.sampled_addmm(pattern, g.T.contiguous(), xx, beta=0.0).values()
 
 
 class SparseDeltaLinearFn(torch.autograd.Function):
-    """Autograd op for a linear layer with a sparse delta (see the module docstring)."""
+    """Autograd op for a linear layer with a sparse delta (see the module docstring).
+
+    With ``transposed`` the weight is stored (in, out) and ``y = x @ W + b`` (transformers'
+    ``Conv1D``): the indices then address the stored (in, out) layout, and the deltas'
+    gradient is the SDDMM of ``x.T @ g`` instead of ``g.T @ x``.
+    """
 
     @staticmethod
     def forward(
@@ -96,11 +111,21 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         weight: WeightSource,
         bias: Tensor | None,
         captures: Sequence[GradCapture],
+        transposed: bool = False,
     ) -> Tensor:
         with weight_with_deltas(weight, indices, values) as w:
-            out = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            b = None if bias is None else bias.to(x.dtype)
+            if transposed:  # exactly Conv1D's own computation
+                x2 = x.reshape(-1, x.shape[-1])
+                wt = w.to(x.dtype)
+                out2 = x2 @ wt if b is None else torch.addmm(b, x2, wt)
+                out = out2.view(*x.shape[:-1], out2.shape[-1])
+            else:
+                out = F.linear(x, w.to(x.dtype), b)
         ctx.save_for_backward(x, values, indices)
         ctx.weight, ctx.has_bias, ctx.captures = weight, bias is not None, tuple(captures)
+        ctx.transposed = transposed
+        # (out_features, in_features) of the computation, whatever the storage layout.
         ctx.shape = (out.shape[-1], x.shape[-1])
         return out
 
@@ -113,19 +138,23 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             with weight_with_deltas(ctx.weight, indices, values) as w:
-                grad_x = (g2 @ w.to(g2.dtype)).view(x.shape)
+                wt = w.to(g2.dtype)
+                grad_x = (g2 @ (wt.T if ctx.transposed else wt)).view(x.shape)
         if ctx.needs_input_grad[1]:
+            # Rows/columns of the stored weight: (out, in), or (in, out) when transposed.
+            left, right = (x2, g2) if ctx.transposed else (g2, x2)
             if ctx.captures:
-                dense = g2.float().T @ x2.float()
+                dense = left.float().T @ right.float()
                 for capture in ctx.captures:
                     capture(dense)
                 grad_values = dense.view(-1)[indices]
             else:
-                grad_values = sddmm(g2, x2, indices, ctx.shape)
+                stored = (in_features, out_features) if ctx.transposed else ctx.shape
+                grad_values = sddmm(left, right, indices, stored)
             grad_values = grad_values.to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = g2.sum(0)
-        return grad_x, grad_values, None, None, grad_bias, None
+        return grad_x, grad_values, None, None, grad_bias, None, None
 
 
 def sparse_delta_linear(
@@ -135,11 +164,134 @@ def sparse_delta_linear(
     indices: Tensor,
     values: Tensor,
     captures: Sequence[GradCapture] = (),
+    transposed: bool = False,
 ) -> Tensor:
     """``x @ (W + scatter(indices, values)).T + bias`` with a sparse-aware backward.
 
     ``indices`` must be sorted and unique flat positions in W's (out, in) row-major layout.
     Each capture in ``captures`` is called in backward with the dense float32 gradient of the
     full weight (only the selector's AG accumulation windows pass any).
+
+    With ``transposed=True``, W is stored (in, out) and the op computes ``x @ (W + delta) +
+    bias`` (transformers' ``Conv1D``); ``indices`` and the captured gradient then refer to
+    the stored (in, out) layout.
     """
-    return SparseDeltaLinearFn.apply(x, values, indices.long(), weight, bias, captures)
+    return SparseDeltaLinearFn.apply(
+        x, values, indices.long(), weight, bias, captures, bool(transposed)
+    )
+
+
+def _renorm_rows(rows: Tensor, max_norm: float, norm_type: float) -> Tensor:
+    """Rows scaled to norm at most ``max_norm``, as ``F.embedding(..., max_norm=...)`` does.
+
+    Torch renormalises the looked-up rows of the weight in place, under no_grad, before the
+    lookup; here the looked-up copies are scaled instead, so the frozen weight never changes.
+    As in torch, the scale is a constant for autograd.
+    """
+    norms = rows.norm(p=norm_type, dim=-1, keepdim=True)
+    scale = torch.where(
+        norms > max_norm, max_norm / (norms.double() + 1e-7), torch.ones_like(norms.double())
+    )
+    return rows * scale.to(rows.dtype)
+
+
+class SparseDeltaEmbeddingFn(torch.autograd.Function):
+    """Autograd op for an embedding lookup in W + scatter(indices, values).
+
+    The deltas' gradient is built from the token ids and the output gradient only: the
+    gradient rows of the ids in the batch are summed into a (unique ids, dim) buffer and
+    gathered at the active indices. A dense (num_embeddings, dim) gradient is built only
+    when a capture (the selector's AG window) asks for it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        ids: Tensor,
+        values: Tensor,
+        indices: Tensor,
+        weight: WeightSource,
+        captures: Sequence[GradCapture],
+        padding_idx: int | None,
+        max_norm: float | None,
+        norm_type: float,
+        scale_grad_by_freq: bool,
+    ) -> Tensor:
+        with weight_with_deltas(weight, indices, values) as w:
+            out = F.embedding(ids, w)  # a fresh tensor: the rows are copied before the restore
+            ctx.shape = tuple(w.shape)
+        if max_norm is not None:
+            out = _renorm_rows(out, max_norm, norm_type)
+        ctx.save_for_backward(ids, values, indices)
+        ctx.captures = tuple(captures)
+        num = ctx.shape[0]
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        ids, values, indices = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[1]:
+            num, dim = ctx.shape
+            dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+            g2 = grad_out.reshape(-1, dim).to(dtype)
+            rows, inverse, counts = torch.unique(
+                ids.reshape(-1).long(), sorted=True, return_inverse=True, return_counts=True
+            )
+            row_grad = torch.zeros(rows.numel(), dim, dtype=dtype, device=g2.device)
+            row_grad.index_add_(0, inverse, g2)
+            if ctx.scale_grad_by_freq:
+                row_grad /= counts.unsqueeze(1).to(dtype)
+            if ctx.padding_idx is not None:
+                row_grad[rows == ctx.padding_idx] = 0
+            if ctx.captures:
+                dense = torch.zeros(num, dim, dtype=torch.float32, device=g2.device)
+                dense[rows] = row_grad.float()
+                for capture in ctx.captures:
+                    capture(dense)
+                grad_values = dense.view(-1)[indices]
+            else:
+                idx = indices.long()
+                row_of, col_of = idx // dim, idx % dim
+                grad_values = torch.zeros(idx.numel(), dtype=dtype, device=g2.device)
+                if rows.numel():
+                    pos = torch.searchsorted(rows, row_of).clamp_(max=rows.numel() - 1)
+                    hit = rows[pos] == row_of
+                    grad_values[hit] = row_grad[pos[hit], col_of[hit]]
+            grad_values = grad_values.to(values.dtype)
+        return None, grad_values, None, None, None, None, None, None, None
+
+
+def sparse_delta_embedding(
+    ids: Tensor,
+    weight: WeightSource,
+    indices: Tensor,
+    values: Tensor,
+    captures: Sequence[GradCapture] = (),
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+) -> Tensor:
+    """``F.embedding(ids, W + scatter(indices, values), ...)`` with a row-sparse backward.
+
+    ``indices`` are sorted unique flat positions in W's (num_embeddings, dim) layout. The
+    deltas' gradient matches autograd through ``F.embedding`` on the dense ``W + delta``:
+    nothing flows to ``padding_idx``'s row, ``scale_grad_by_freq`` divides by each id's count
+    in the batch, and ``max_norm`` rescales the looked-up rows (without modifying W, unlike
+    ``nn.Embedding``), the scale being a constant for autograd as in torch.
+    """
+    return SparseDeltaEmbeddingFn.apply(
+        ids,
+        values,
+        indices.long(),
+        weight,
+        captures,
+        padding_idx,
+        max_norm,
+        norm_type,
+        scale_grad_by_freq,
+    )

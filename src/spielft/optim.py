@@ -3,6 +3,7 @@
 Both keep their state in float32 whatever the deltas' dtype, and both implement
 ``reindex(param, source, init)``: after a drop-and-regrow update, slot ``i`` of ``param``
 takes the state of old slot ``source[i]``, or a fresh state where ``source[i] == -1``.
+`SparseAdamW8bit` is SparseAdamW with its moments stored blockwise in 8 bits.
 """
 
 from __future__ import annotations
@@ -193,3 +194,140 @@ class SM3(torch.optim.Optimizer):
         state = self.state.get(param)
         if state and "momentum_buffer" in state:
             state["momentum_buffer"] = _remap(state["momentum_buffer"], source)
+
+
+# bitsandbytes' dynamic (tree) quantization maps, as its 8-bit optimizers use them.
+_DYNAMIC_MAPS: dict[bool, Tensor] = {}
+
+
+def _dynamic_map(signed: bool, device: torch.device) -> Tensor:
+    """256 sorted values in [-1, 1] (signed) or [0, 1]: ``bnb.functional.create_dynamic_map``."""
+    if signed not in _DYNAMIC_MAPS:
+        from bitsandbytes.functional import create_dynamic_map
+
+        _DYNAMIC_MAPS[signed] = create_dynamic_map(signed=signed).float().cpu()
+    return _DYNAMIC_MAPS[signed].to(device)
+
+
+def quantize_blockwise_8bit(x: Tensor, signed: bool, block_size: int) -> tuple[Tensor, Tensor]:
+    """Blockwise 8-bit quantization of ``x``: (uint8 codes, float32 absmax per block).
+
+    Same format as ``bnb.functional.quantize_blockwise`` with bitsandbytes' dynamic map (the
+    codes can be read back with ``bnb.functional.dequantize_blockwise``), but each value is
+    rounded to the *nearest* map entry; bitsandbytes 0.50's CPU kernel does not (it stores 0
+    as about 2e-5 * absmax), which would make a regrown slot's state nonzero.
+    """
+    code = _dynamic_map(signed, x.device)
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // block_size)
+    padded = flat.new_zeros(blocks * block_size)
+    padded[:n] = flat
+    padded = padded.view(blocks, block_size)
+    absmax = padded.abs().amax(dim=1) if blocks else flat.new_zeros(0)
+    scale = absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    scaled = (padded / scale).view(-1)[:n]
+    codes = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)
+    return codes.to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(
+    codes: Tensor, absmax: Tensor, signed: bool, block_size: int
+) -> Tensor:
+    """Float32 values of ``quantize_blockwise_8bit``'s output."""
+    code = _dynamic_map(signed, codes.device)
+    scale = absmax.float().repeat_interleave(block_size)[: codes.numel()]
+    return code[codes.long()] * scale
+
+
+class SparseAdamW8bit(SparseAdamW):
+    """SparseAdamW with both moments stored blockwise in 8 bits (as bitsandbytes' AdamW8bit).
+
+    Each moment is kept as uint8 codes into bitsandbytes' dynamic quantization map (signed
+    for ``exp_avg``, unsigned for ``exp_avg_sq``) plus a float32 absmax per ``block_size``
+    slots: about 1.02 bytes per moment and delta instead of 4. A step dequantizes, applies
+    SparseAdamW's float32 update, and requantizes. `reindex` dequantizes, remaps the slots as
+    SparseAdamW does and requantizes: kept slots keep their state (up to requantization in
+    their new blocks), regrown slots start at exactly zero or at their (quantized) seeds.
+    `moments(param)` returns the dequantized moments.
+    """
+
+    _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        block_size: int = 256,
+    ) -> None:
+        if int(block_size) < 1:
+            raise ValueError(f"SparseAdamW8bit block_size must be >= 1, got {block_size}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.block_size = int(block_size)
+
+    def _load(self, state: dict, key: str, signed: bool) -> Tensor:
+        return dequantize_blockwise_8bit(
+            state[key], state[f"{key}_absmax"], signed, self.block_size
+        )
+
+    def _store(self, state: dict, key: str, value: Tensor, signed: bool) -> None:
+        state[key], state[f"{key}_absmax"] = quantize_blockwise_8bit(value, signed, self.block_size)
+
+    def moments(self, param: Tensor) -> dict[str, Tensor] | None:
+        """The dequantized float32 moments of ``param``, or None before its first step."""
+        state = self.state.get(param)
+        if not state:
+            return None
+        return {key: self._load(state, key, signed) for key, signed in self._MOMENTS}
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    exp_avg = torch.zeros_like(p, dtype=torch.float32)
+                    exp_avg_sq = torch.zeros_like(p, dtype=torch.float32)
+                else:
+                    exp_avg = self._load(state, "exp_avg", True).view_as(p)
+                    exp_avg_sq = self._load(state, "exp_avg_sq", False).view_as(p)
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias1 = 1 - beta1**step
+                bias2 = 1 - beta2**step
+                denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
+                value = p.float()
+                if wd:
+                    value.mul_(1 - lr * wd)
+                value.addcdiv_(exp_avg, denom, value=-lr / bias1)
+                _write(p, value)
+                self._store(state, "exp_avg", exp_avg, True)
+                self._store(state, "exp_avg_sq", exp_avg_sq, False)
+        return loss
+
+    @torch.no_grad()
+    def reindex(
+        self, param: Tensor, source: Tensor, init: Mapping[str, Tensor] | None = None
+    ) -> None:
+        state = self.state.get(param)
+        if not state:
+            return
+        init = init or {}
+        for key, signed in self._MOMENTS:
+            remapped = _remap(self._load(state, key, signed), source, init.get(key))
+            self._store(state, key, remapped, signed)

@@ -1,0 +1,141 @@
+"""SpielModel: configuration errors, targeting, budget, freezing, and training end to end."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spielft import SpielConfig, SpielLinear, get_spiel_model
+from spielft.layer import split_budget
+
+
+def tiny_llama(seed=0, vocab=64):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"density": 0.0}, "density must be in \\(0, 1\\]"),
+        ({"density": 1.5}, "density must be in \\(0, 1\\]"),
+        ({"num_tunable_weights": 0}, "num_tunable_weights must be a positive integer"),
+        ({"regrowth": "random"}, "regrowth must be 'ag' or 'ma'"),
+        ({"reselection_rate_policy": "step"}, "reselection_rate_policy"),
+        ({"accumulation_steps": 30}, "accumulation_steps must be in \\[1, reselection_steps=20\\]"),
+        ({"initial_reselection_rate": -0.1}, "initial_reselection_rate"),
+        ({"delta_dtype": "int8"}, "delta_dtype must be one of"),
+    ],
+)
+def test_invalid_config_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SpielConfig(**fields)
+
+
+def test_budget_larger_than_targets_and_unmatched_patterns_fail_clearly():
+    with pytest.raises(ValueError, match="exceeds the .* parameters"):
+        get_spiel_model(tiny_llama(), SpielConfig(num_tunable_weights=10**9))
+    with pytest.raises(ValueError, match="matched no supported module"):
+        get_spiel_model(tiny_llama(), SpielConfig(target_modules=["nonexistent_proj"]))
+    with pytest.raises(ValueError, match="does not support"):
+        get_spiel_model(tiny_llama(), SpielConfig(target_modules=r".*input_layernorm"))
+
+
+def test_default_targets_every_block_linear_but_not_the_head():
+    model = get_spiel_model(tiny_llama(), SpielConfig(density=0.01))
+    names = set(model.spiel_layers())
+    assert len(names) == 2 * 7
+    assert not any("lm_head" in n for n in names)
+    assert isinstance(model.base_model.model.layers[0].self_attn.q_proj, SpielLinear)
+    regex = get_spiel_model(tiny_llama(), SpielConfig(target_modules=r".*\.(q|v)_proj"))
+    assert {n.rsplit(".", 1)[1] for n in regex.spiel_layers()} == {"q_proj", "v_proj"}
+
+
+def test_budget_split_proportional_and_exact():
+    assert split_budget(10, [100, 300, 600]) == [1, 3, 6]
+    counts = split_budget(7, [5, 5, 5])
+    assert sum(counts) == 7 and max(counts) - min(counts) <= 1
+    model = get_spiel_model(tiny_llama(), SpielConfig(num_tunable_weights=1000))
+    deltas = model.sparse_deltas()
+    assert sum(d.values.numel() for d in deltas.values()) == 1000
+    for d in deltas.values():
+        share = d.numel_dense / sum(x.numel_dense for x in deltas.values())
+        assert abs(d.values.numel() - 1000 * share) < 1
+
+
+def test_only_deltas_trainable_and_peft_style_line(capsys):
+    model = get_spiel_model(tiny_llama(), SpielConfig(density=0.05))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("spiel_deltas.default.values") for n in trainable)
+    model.print_trainable_parameters()
+    line = capsys.readouterr().out.strip()
+    n_train, n_all = model.get_nb_trainable_parameters()
+    assert line == f"trainable params: {n_train:,d} || all params: {n_all:,d} || trainable%: {100 * n_train / n_all:.4f}"
+    targeted = sum(d.numel_dense for d in model.sparse_deltas().values())
+    assert n_train == round(0.05 * targeted)
+
+
+def test_wrapper_passes_through_and_starts_as_the_base_model():
+    base = tiny_llama()
+    ids = torch.randint(0, 64, (2, 9))
+    expected = base(input_ids=ids).logits
+    model = get_spiel_model(base, SpielConfig(density=0.1))
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)  # deltas start at 0
+    assert model.config is base.config
+    out = model.generate(input_ids=ids[:, :3], max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, 5)
+
+
+def _corpus():
+    """Eight sequences with a learnable rule: token_t = (7 * start + stride * t) mod 64."""
+    starts = torch.arange(8)[:, None]
+    strides = torch.tensor([1, 2, 3, 5, 1, 2, 3, 5])[:, None]
+    return (starts * 7 + strides * torch.arange(12)[None]) % 64
+
+
+def _train(regrowth, steps=100, seed=0):
+    model = get_spiel_model(tiny_llama(seed), SpielConfig(density=0.05, regrowth=regrowth, seed=seed,
+                                                          reselection_steps=10, accumulation_steps=3))
+    opt = model.create_optimizer(lr=1e-2 if regrowth == "ag" else 0.1)
+    selector = model.create_selector(opt, total_steps=steps)
+    corpus = _corpus()
+    start_indices = {n: d.indices.clone() for n, d in model.sparse_deltas().items()}
+    losses = []
+    for _ in range(steps):
+        total = 0.0
+        for micro in corpus.split(4):  # two micro-batches per optimizer step
+            loss = model(input_ids=micro, labels=micro).loss / 2
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        opt.step(); selector.step(); opt.zero_grad()
+    changed = sum(not torch.equal(start_indices[n], d.indices) for n, d in model.sparse_deltas().items())
+    return model, losses, changed
+
+
+@pytest.mark.parametrize("regrowth", ["ag", "ma"])
+def test_tiny_llama_trains_and_indices_change(regrowth):
+    # With embeddings and head frozen, even training every linear weight in full only gets
+    # this toy from 4.16 to 2.92 (measured): SpIEL at 5% density must cover most of that.
+    model, losses, changed = _train(regrowth)
+    start, end = losses[0], sum(losses[-5:]) / 5
+    assert end < 0.82 * start, (start, end)
+    assert changed == len(model.sparse_deltas())
+
+
+def test_same_seed_same_result():
+    m1, l1, _ = _train("ag", steps=30)
+    m2, l2, _ = _train("ag", steps=30)
+    assert l1 == l2
+    for (n, a), b in zip(m1.sparse_deltas().items(), m2.sparse_deltas().values(), strict=True):
+        assert torch.equal(a.indices, b.indices), n
+        assert torch.equal(a.values, b.values), n
+
+
+def test_works_on_a_plain_module():
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    model = get_spiel_model(base, SpielConfig(num_tunable_weights=10))
+    assert set(model.spiel_layers()) == {"0", "2"}
+    assert model(torch.randn(3, 6)).shape == (3, 2)

@@ -1,0 +1,160 @@
+"""Drop-and-regrow on hand-crafted gradients/accumulators, the schedule, and index invariants."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from spielft import SpielConfig, get_spiel_model
+from spielft.selection import reselection_rate, top_outer_product
+
+
+def _one_layer(regrowth, k, out_f=3, in_f=4, **overrides):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(in_f, out_f, bias=False))
+    fields = dict(num_tunable_weights=k, regrowth=regrowth, reselection_steps=2,
+                  accumulation_steps=1, initial_reselection_rate=0.5,
+                  full_first_reselection=False)
+    fields.update(overrides)
+    model = get_spiel_model(base, SpielConfig(**fields))
+    delta = model.sparse_deltas()["0"]
+    return model, delta
+
+
+def _backward_with_weight_grad(model, grad):
+    """A loss whose gradient w.r.t. the full weight is exactly ``grad`` (out x in)."""
+    x = torch.eye(grad.shape[1])
+    (model(x) * grad.T).sum().backward()
+
+
+def test_ag_drops_smallest_and_regrows_largest_accumulated_gradient():
+    model, delta = _one_layer("ag", k=3)
+    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor([0.3, -0.01, 0.2]))  # index 5 has the smallest |delta|
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    # Step 1 is outside the window (update at step 2, window of 1 step).
+    _backward_with_weight_grad(model, torch.full((3, 4), 100.0))
+    opt.step(); selector.step(); opt.zero_grad()
+    assert delta.grad_capture is not None  # window for step 2 armed
+    # Step 2: two micro-batches. Position 7 wins the first alone, but 2 wins the sum.
+    g1 = torch.zeros(3, 4); g1.view(-1)[7] = 5.0; g1.view(-1)[2] = 4.0; g1.view(-1)[1] = 3.0
+    g2 = torch.zeros(3, 4); g2.view(-1)[2] = 3.0; g2.view(-1)[7] = -1.0
+    g2.view(-1)[0] = 50.0  # active positions are never regrown
+    _backward_with_weight_grad(model, g1)
+    _backward_with_weight_grad(model, g2)
+    opt.step(); stats = selector.step(); opt.zero_grad()
+    assert stats["spiel/indices_changed"] == 1
+    assert delta.indices.tolist() == [0, 2, 10]
+    # Kept deltas keep their values; the regrown one starts at zero.
+    assert delta.values.tolist() == pytest.approx([0.3, 0.0, 0.2])
+    assert delta.grad_capture is None  # window closed
+
+
+def test_ma_regrows_top_row_times_col_over_inactive_positions():
+    model, delta = _one_layer("ma", k=3)
+    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor([0.3, 0.2, -0.01]))  # index 10 is dropped
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    _backward_with_weight_grad(model, torch.ones(3, 4))
+    opt.step(); opt.zero_grad()
+    state = opt.state[delta.values]
+    state["row_acc"].copy_(torch.tensor([1.0, 3.0, 2.0]))
+    state["col_acc"].copy_(torch.tensor([1.0, 4.0, 0.5, 1.0]))
+    # Scores row*col: (1,1)=12 is the max but position 5 is active; next (2,1)=8 -> index 9.
+    selector.step(); stats = selector.step()
+    assert stats["spiel/indices_changed"] == 1
+    assert delta.indices.tolist() == [0, 5, 9]
+    assert delta.values.tolist() == pytest.approx([0.3, 0.2, 0.0])
+
+
+def test_top_outer_product_in_blocks_equals_dense(monkeypatch):
+    import spielft.selection as selection
+
+    monkeypatch.setattr(selection, "_SCORE_BLOCK", 7)  # force many blocks
+    gen = torch.Generator().manual_seed(1)
+    row, col = torch.rand(9, generator=gen), torch.rand(5, generator=gen)
+    exclude = torch.tensor([0, 3, 17, 44])
+    dense = (row[:, None] * col[None, :]).view(-1).clone()
+    dense[exclude] = -math.inf
+    expected = set(torch.topk(dense, 6).indices.tolist())
+    assert set(top_outer_product(row, col, 6, exclude).tolist()) == expected
+
+
+def test_full_first_reselection_replaces_the_budget_from_gradients():
+    model, delta = _one_layer("ag", k=3, full_first_reselection=True)
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    grad = torch.arange(12, dtype=torch.float32).view(3, 4)
+    for _ in range(2):
+        _backward_with_weight_grad(model, grad)
+        opt.step(); stats = selector.step(); opt.zero_grad()
+    assert stats["spiel/reselection_rate"] == 1.0
+    assert delta.indices.tolist() == [9, 10, 11]  # the three largest |grad|, anywhere
+    assert selector.rate_at(4) == pytest.approx(0.5 * (1 - 4 / 1000))  # then the schedule
+
+
+def test_schedules():
+    assert reselection_rate(0, 100, 0.2, "linear") == pytest.approx(0.2)
+    assert reselection_rate(50, 100, 0.2, "linear") == pytest.approx(0.1)
+    assert reselection_rate(50, 100, 0.2, "cosine") == pytest.approx(0.1)
+    assert reselection_rate(25, 100, 0.2, "cosine") == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)))
+    assert reselection_rate(100, 100, 0.2, "linear") == 0.0
+
+
+def test_no_updates_and_no_captures_after_total_steps():
+    model, delta = _one_layer("ag", k=4, reselection_steps=2, accumulation_steps=2)
+    opt = model.create_optimizer(lr=1e-2)
+    selector = model.create_selector(opt, total_steps=6)
+    updates = []
+    for _ in range(10):
+        _backward_with_weight_grad(model, torch.randn(3, 4))
+        opt.step(); stats = selector.step(); opt.zero_grad()
+        updates.append(stats is not None)
+        if selector.step_count >= 5:
+            assert delta.grad_capture is None and not selector.accumulators
+    assert updates == [False, True, False, True, False, False, False, False, False, False]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    regrowth=st.sampled_from(["ag", "ma"]),
+    k=st.integers(1, 30),
+    rate=st.floats(0.05, 1.0),
+    full_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_index_invariants_after_many_updates(regrowth, k, rate, full_first, seed):
+    torch.manual_seed(seed)
+    model, delta = _one_layer(regrowth, k=k, out_f=5, in_f=7, initial_reselection_rate=rate,
+                              full_first_reselection=full_first, seed=seed)
+    opt = model.create_optimizer(lr=0.05)
+    selector = model.create_selector(opt, total_steps=40)
+    for _ in range(30):
+        before = delta.indices.long().clone()
+        values_before = dict(zip(before.tolist(), delta.values.detach().tolist(), strict=True))
+        _backward_with_weight_grad(model, torch.randn(5, 7))
+        opt.step()
+        values_after_step = dict(zip(before.tolist(), delta.values.detach().tolist(), strict=True))
+        stats = selector.step(); opt.zero_grad()
+        idx = delta.indices.long()
+        assert idx.numel() == k
+        assert (idx[1:] > idx[:-1]).all(), "sorted and unique"
+        assert idx.min() >= 0 and idx.max() < 35
+        if stats is not None and stats["spiel/reselection_rate"] < 1.0:
+            kept = set(before.tolist()) & set(idx.tolist())
+            new = set(idx.tolist()) - set(before.tolist())
+            for pos, value in zip(idx.tolist(), delta.values.detach().tolist(), strict=True):
+                if pos in new:
+                    assert value == 0.0
+                else:
+                    assert value == pytest.approx(values_after_step[pos])
+            assert len(new) == int(stats["spiel/indices_changed"])
+            assert not (new & kept)
+        del values_before
