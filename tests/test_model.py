@@ -9,6 +9,14 @@ from spielft import SpielConfig, SpielLinear, get_spiel_model
 from spielft.layer import split_budget
 
 
+def _step(opt, selector):
+    """One optimizer step followed by the selector, as in the documented training loop."""
+    opt.step()
+    stats = selector.step()
+    opt.zero_grad()
+    return stats
+
+
 def tiny_llama(seed=0, vocab=64):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -35,7 +43,7 @@ def test_invalid_config_names_the_field(fields, message):
 
 
 def test_budget_larger_than_targets_and_unmatched_patterns_fail_clearly():
-    with pytest.raises(ValueError, match="exceeds the .* parameters"):
+    with pytest.raises(ValueError, match=r"exceeds the .* parameters"):
         get_spiel_model(tiny_llama(), SpielConfig(num_tunable_weights=10**9))
     with pytest.raises(ValueError, match="matched no supported module"):
         get_spiel_model(tiny_llama(), SpielConfig(target_modules=["nonexistent_proj"]))
@@ -110,7 +118,7 @@ def _train(regrowth, steps=100, seed=0):
             loss.backward()
             total += loss.item()
         losses.append(total)
-        opt.step(); selector.step(); opt.zero_grad()
+        _step(opt, selector)
     changed = sum(not torch.equal(start_indices[n], d.indices) for n, d in model.sparse_deltas().items())
     return model, losses, changed
 

@@ -16,7 +16,8 @@ def test_sparse_adamw_matches_torch_adamw_in_float32():
     for _ in range(5):
         g = torch.randn(10)
         a.grad, b.grad = g.clone(), g.clone()
-        ours.step(); ref.step()
+        ours.step()
+        ref.step()
     torch.testing.assert_close(a, b)
 
 

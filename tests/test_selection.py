@@ -12,6 +12,14 @@ from spielft import SpielConfig, get_spiel_model
 from spielft.selection import reselection_rate, top_outer_product
 
 
+def _step(opt, selector):
+    """One optimizer step followed by the selector, as in the documented training loop."""
+    opt.step()
+    stats = selector.step()
+    opt.zero_grad()
+    return stats
+
+
 def _one_layer(regrowth, k, out_f=3, in_f=4, **overrides):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(in_f, out_f, bias=False))
@@ -39,15 +47,16 @@ def test_ag_drops_smallest_and_regrows_largest_accumulated_gradient():
     selector = model.create_selector(opt, total_steps=1000)
     # Step 1 is outside the window (update at step 2, window of 1 step).
     _backward_with_weight_grad(model, torch.full((3, 4), 100.0))
-    opt.step(); selector.step(); opt.zero_grad()
+    _step(opt, selector)
     assert delta.grad_capture is not None  # window for step 2 armed
     # Step 2: two micro-batches. Position 7 wins the first alone, but 2 wins the sum.
-    g1 = torch.zeros(3, 4); g1.view(-1)[7] = 5.0; g1.view(-1)[2] = 4.0; g1.view(-1)[1] = 3.0
-    g2 = torch.zeros(3, 4); g2.view(-1)[2] = 3.0; g2.view(-1)[7] = -1.0
-    g2.view(-1)[0] = 50.0  # active positions are never regrown
+    g1 = torch.zeros(12).index_put((torch.tensor([7, 2, 1]),), torch.tensor([5.0, 4.0, 3.0]))
+    g2 = torch.zeros(12).index_put((torch.tensor([2, 7]),), torch.tensor([3.0, -1.0]))
+    g2[0] = 50.0  # active positions are never regrown
+    g1, g2 = g1.view(3, 4), g2.view(3, 4)
     _backward_with_weight_grad(model, g1)
     _backward_with_weight_grad(model, g2)
-    opt.step(); stats = selector.step(); opt.zero_grad()
+    stats = _step(opt, selector)
     assert stats["spiel/indices_changed"] == 1
     assert delta.indices.tolist() == [0, 2, 10]
     # Kept deltas keep their values; the regrown one starts at zero.
@@ -63,12 +72,14 @@ def test_ma_regrows_top_row_times_col_over_inactive_positions():
     opt = model.create_optimizer(lr=0.0)
     selector = model.create_selector(opt, total_steps=1000)
     _backward_with_weight_grad(model, torch.ones(3, 4))
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     state = opt.state[delta.values]
     state["row_acc"].copy_(torch.tensor([1.0, 3.0, 2.0]))
     state["col_acc"].copy_(torch.tensor([1.0, 4.0, 0.5, 1.0]))
     # Scores row*col: (1,1)=12 is the max but position 5 is active; next (2,1)=8 -> index 9.
-    selector.step(); stats = selector.step()
+    selector.step()
+    stats = selector.step()
     assert stats["spiel/indices_changed"] == 1
     assert delta.indices.tolist() == [0, 5, 9]
     assert delta.values.tolist() == pytest.approx([0.3, 0.2, 0.0])
@@ -94,7 +105,7 @@ def test_full_first_reselection_replaces_the_budget_from_gradients():
     grad = torch.arange(12, dtype=torch.float32).view(3, 4)
     for _ in range(2):
         _backward_with_weight_grad(model, grad)
-        opt.step(); stats = selector.step(); opt.zero_grad()
+        stats = _step(opt, selector)
     assert stats["spiel/reselection_rate"] == 1.0
     assert delta.indices.tolist() == [9, 10, 11]  # the three largest |grad|, anywhere
     assert selector.rate_at(4) == pytest.approx(0.5 * (1 - 4 / 1000))  # then the schedule
@@ -115,7 +126,7 @@ def test_no_updates_and_no_captures_after_total_steps():
     updates = []
     for _ in range(10):
         _backward_with_weight_grad(model, torch.randn(3, 4))
-        opt.step(); stats = selector.step(); opt.zero_grad()
+        stats = _step(opt, selector)
         updates.append(stats is not None)
         if selector.step_count >= 5:
             assert delta.grad_capture is None and not selector.accumulators
@@ -142,7 +153,8 @@ def test_index_invariants_after_many_updates(regrowth, k, rate, full_first, seed
         _backward_with_weight_grad(model, torch.randn(5, 7))
         opt.step()
         values_after_step = dict(zip(before.tolist(), delta.values.detach().tolist(), strict=True))
-        stats = selector.step(); opt.zero_grad()
+        stats = selector.step()
+        opt.zero_grad()
         idx = delta.indices.long()
         assert idx.numel() == k
         assert (idx[1:] > idx[:-1]).all(), "sorted and unique"

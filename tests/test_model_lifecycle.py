@@ -1,0 +1,214 @@
+"""Adapter lifecycle: save/load, merge/unmerge/disable, several adapters, composition, bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import spielft.model as spiel_model_module
+from spielft import SpielConfig, SpielModel, get_spiel_model
+from spielft.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+
+def tiny_llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+IDS = torch.arange(24).view(2, 12) % 64
+
+
+def randomize(model, adapter=None, scale=0.05, seed=1):
+    """Give an adapter non-zero deltas, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in model.sparse_deltas(adapter).values():
+            delta.values.copy_(torch.randn(delta.values.shape, generator=gen) * scale)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def trained(dtype=torch.float32, **config):
+    model = get_spiel_model(tiny_llama(dtype), SpielConfig(density=0.05, **config))
+    randomize(model)
+    return model
+
+
+def test_round_trip_gives_identical_logits(tmp_path):
+    model = trained()
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    assert meta["adapter_type"] == "spielft" and meta["format_version"] == 1
+    assert meta["config"]["density"] == 0.05
+    assert sum(m["num_deltas"] for m in meta["modules"].values()) == model.get_nb_trainable_parameters()[0]
+    tensors = load_file(tmp_path / ADAPTER_WEIGHTS_NAME)
+    assert all(t.dtype == torch.int32 for k, t in tensors.items() if k.endswith(".indices"))
+
+    loaded = SpielModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # inference by default
+    trainable = SpielModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+
+
+def test_file_costs_values_plus_four_bytes_per_index(tmp_path):
+    model = trained()
+    model.save_pretrained(tmp_path)
+    k = model.get_nb_trainable_parameters()[0]
+    header_allowance = 16_384  # JSON header: tensor names, offsets, our metadata
+    assert (tmp_path / ADAPTER_WEIGHTS_NAME).stat().st_size <= k * (4 + 4) + header_allowance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_equals_unmerged_and_unmerge_restores(dtype):
+    model = trained(dtype)
+    before = {n: p.clone() for n, p in model.base_model.named_parameters()}
+    unmerged = logits(model)
+    model.merge()
+    # Forward and merge round W + delta the same way, so logits match exactly in every dtype.
+    assert torch.equal(logits(model), unmerged)
+    model.unmerge()
+    for n, p in model.base_model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_merge_and_unload_returns_plain_model():
+    model = trained()
+    expected = logits(model)
+    plain = model.merge_and_unload()
+    assert type(plain) is LlamaForCausalLM
+    assert not any("spiel" in n for n, _ in plain.named_modules())
+    assert torch.equal(logits(plain), expected)
+
+
+def test_disable_adapter_runs_the_base_model():
+    base_logits = logits(tiny_llama())
+    model = trained()
+    assert not torch.equal(logits(model), base_logits)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), base_logits)
+    assert not torch.equal(logits(model), base_logits)
+
+
+def _dense_deltas(model, adapter):
+    return {n: d.to_dense(torch.float32) for n, d in model.sparse_deltas(adapter).items()}
+
+
+def test_several_adapters_add_up_and_can_be_deleted(tmp_path):
+    first = trained()
+    first.save_pretrained(tmp_path / "a")
+    second = get_spiel_model(tiny_llama(), SpielConfig(density=0.05, seed=7))
+    randomize(second, seed=2)
+    second.save_pretrained(tmp_path / "b")
+
+    model = SpielModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", "b")
+    model.set_adapter(["a", "b"])
+    both = logits(model)
+    # Reference: the sum of both deltas merged densely into a fresh base model.
+    ref = tiny_llama()
+    da, db = _dense_deltas(model, "a"), _dense_deltas(model, "b")
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if name in da:
+                module.weight += da[name] + db[name]
+    torch.testing.assert_close(both, logits(ref))
+    model.set_adapter("b")
+    assert torch.equal(logits(model), logits(second))
+    model.delete_adapter("a")
+    assert list(model.peft_config) == ["b"]
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.set_adapter("a")
+
+
+def test_weighted_composition_is_exact_task_arithmetic(tmp_path):
+    model = trained()
+    model.add_adapter("task", SpielConfig(density=0.05, seed=3))
+    randomize(model, "task", seed=4)
+    model.add_weighted_adapter(["default", "task"], [1.0, -0.5], "combo")
+    d0, d1, dc = (_dense_deltas(model, a) for a in ("default", "task", "combo"))
+    for name in d0:
+        torch.testing.assert_close(dc[name], d0[name] - 0.5 * d1[name])
+        union = (d0[name] != 0) | (d1[name] != 0)
+        assert model.sparse_deltas("combo")[name].values.numel() == int(union.sum())
+    model.save_pretrained(tmp_path, adapter_name="combo")
+    reloaded = SpielModel.from_pretrained(tiny_llama(), tmp_path)
+    model.set_adapter("combo")
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+# -- invalid files -------------------------------------------------------------------------------
+
+
+def _saved(tmp_path):
+    model = trained()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_WEIGHTS_NAME
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    return load_file(path), json.loads(meta["spielft"])
+
+
+def _rewrite(tmp_path, tensors, meta):
+    save_file(tensors, tmp_path / ADAPTER_WEIGHTS_NAME, metadata={"spielft": json.dumps(meta)})
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda t, m: m["modules"].__setitem__("model.layers.9.mlp.up_proj", m["modules"].pop(Q))
+         or t.__setitem__("model.layers.9.mlp.up_proj.indices", t.pop(f"{Q}.indices"))
+         or t.__setitem__("model.layers.9.mlp.up_proj.values", t.pop(f"{Q}.values")),
+         "module 'model.layers.9.mlp.up_proj': the base model has no such module"),
+        (lambda t, m: t[f"{Q}.indices"].__setitem__(0, 64 * 64), f"module '{Q}': indices out of range"),
+        (lambda t, m: t[f"{Q}.indices"].__setitem__(1, t[f"{Q}.indices"][0]), f"module '{Q}': duplicated indices"),
+        (lambda t, m: m["modules"][Q].__setitem__("shape", [32, 64]), f"module '{Q}': adapter was trained for shape"),
+        (lambda t, m: t.__setitem__(f"{Q}.indices", t[f"{Q}.indices"].float()), "indices must be a 1-D int32/int64"),
+        (lambda t, m: t.__setitem__(f"{Q}.values", t[f"{Q}.values"][:-1]), "values must be floating point with one per index"),
+        (lambda t, m: m.__setitem__("format_version", 99), "unknown format version 99"),
+    ],
+)
+def test_invalid_adapter_files_fail_with_specific_errors(tmp_path, corrupt, message):
+    tensors, meta = _saved(tmp_path)
+    corrupt(tensors, meta)
+    _rewrite(tmp_path, tensors, meta)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        SpielModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_not_a_safetensors_file(tmp_path):
+    (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes(b"\x80\x04 definitely a pickle, not safetensors")
+    with pytest.raises(ValueError, match="is not a valid safetensors file"):
+        SpielModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a spielft adapter folder"):
+        SpielModel.from_pretrained(tiny_llama(), tmp_path / "missing")
+
+
+def test_interrupted_save_leaves_previous_adapter_readable(tmp_path, monkeypatch):
+    old = trained()
+    old.save_pretrained(tmp_path)
+    expected = logits(old)
+    new = trained()
+    randomize(new, seed=9)
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as fh:
+            fh.write(b"half a file")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(spiel_model_module, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+    assert torch.equal(logits(SpielModel.from_pretrained(tiny_llama(), tmp_path)), expected)
