@@ -40,7 +40,11 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 def conversation(prompt: str, completion: str, system: str | None = None) -> list[dict]:
     head = [{"role": "system", "content": system}] if system else []
-    return [*head, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return [
+        *head,
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": completion},
+    ]
 
 
 # ---------------------------------------------------------------------------------- formats
@@ -120,7 +124,9 @@ def test_saved_dataset_folder_and_splits(tmp_path):
     ).save_to_disk(str(tmp_path / "dict"))
     assert len(load_records(tmp_path / "dict")) == 3
     assert len(load_records(tmp_path / "dict", split="test")) == 1
-    with pytest.raises(DataError, match=r"no split 'validation'; available splits: \['test', 'train'\]"):
+    with pytest.raises(
+        DataError, match=r"no split 'validation'; available splits: \['test', 'train'\]"
+    ):
         load_records(tmp_path / "dict", split="validation")
 
 
@@ -137,8 +143,12 @@ def test_in_memory_records_and_system_prompt():
 
 def test_mixed_formats_are_validated_against_the_first_record():
     # The second record is a valid chat record, but the file's format is prompt/completion.
-    with pytest.raises(DataError, match=r"record index 1: missing field 'prompt'.*detected from record index 0"):
-        normalize_records([{"prompt": "a", "completion": "b"}, {"messages": conversation("c", "d")}])
+    with pytest.raises(
+        DataError, match=r"record index 1: missing field 'prompt'.*detected from record index 0"
+    ):
+        normalize_records(
+            [{"prompt": "a", "completion": "b"}, {"messages": conversation("c", "d")}]
+        )
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -177,7 +187,9 @@ def test_bad_jsonl_names_file_line_and_problem(tmp_path, lines, where, fragment)
 
 def test_bad_json_file(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "completion": "b"}\n]')
+    path.write_text(
+        '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "completion": "b"}\n]'
+    )
     with pytest.raises(DataError, match=r"bad\.json, line 3: invalid JSON"):
         load_records(path)
     path.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "a"}]))
@@ -253,7 +265,8 @@ def test_tokenize_records_truncates_and_drops(tiny_tokenizer):
     max_length = prompt_len + 10  # "fits<|im_end|>\n" is 6 tokens: fits; the long one does not
     dataset, stats = tokenize_records(records, tiny_tokenizer, max_length=max_length)
     assert isinstance(dataset, Dataset)
-    assert (stats.num_records, stats.num_examples, stats.num_truncated, stats.num_dropped) == (3, 2, 1, 1)
+    counts = (stats.num_records, stats.num_examples, stats.num_truncated, stats.num_dropped)
+    assert counts == (3, 2, 1, 1)
     assert len(dataset[1]["input_ids"]) == max_length
     # The truncated example keeps its prompt intact and the start of its completion.
     kept = [t for t in dataset[1]["labels"] if t != IGNORE_INDEX]
@@ -289,6 +302,14 @@ def test_packing_keeps_examples_and_isolates_boundaries(tiny_tokenizer):
             assert row["labels"][a + 1 : b] == original["labels"][1:]
             seen.append(ids)
     assert sorted(seen) == sorted(e["input_ids"] for e in examples)
+
+
+def test_packing_fills_rows_tightly():
+    lengths = [20, 60, 30, 40, 20, 30]
+    examples = [{"input_ids": [n] * n, "labels": [n] * n} for n in lengths]
+    rows = pack_examples(examples, 100)
+    assert sorted(len(r["input_ids"]) for r in rows) == [100, 100]  # the optimum: 2 full rows
+    assert pack_examples(examples, 100) == rows  # deterministic
 
 
 def test_packing_with_train_on_prompt_masks_boundary_labels(tiny_tokenizer):

@@ -73,7 +73,11 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def cache_root() -> Path:
-    """The folder that holds converted models: ``$SPIELFT_CACHE``, else ``~/.cache/spielft``."""
+    """The folder that holds converted models, one subfolder each.
+
+    ``$SPIELFT_CACHE`` if set, else ``$XDG_CACHE_HOME/spielft``, else ``~/.cache/spielft``; the
+    default model lives in ``<root>/SmolLM2-135M-Instruct``.
+    """
     env = os.environ.get(CACHE_ENV_VAR)
     if env:
         return Path(env).expanduser()
@@ -166,10 +170,17 @@ def convert_gguf(
     start = time.perf_counter()
     logger.info("Converting %s to %s (one-time; later loads are fast)", src, out)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(src.parent), gguf_file=src.name, dtype=torch.float32
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.parent), gguf_file=src.name, dtype=torch.float32
+            )
+        except Exception as exc:
+            raise RuntimeError(
+                f"transformers could not read the GGUF file '{src}' ({type(exc).__name__}: "
+                f"{exc}). Check that it is a complete GGUF of an architecture transformers "
+                "supports, or convert the model to a Hugging Face folder yourself."
+            ) from exc
         _strip_gguf_quantization(model)
         ensure_pad_token(tokenizer, model)
         model.save_pretrained(tmp)

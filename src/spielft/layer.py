@@ -398,9 +398,9 @@ class SpielLinear4bit(SpielQuantLinear):
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
         weight = self.base_layer.weight
-        state = getattr(weight, "quant_state", None) or getattr(
-            self.base_layer, "quant_state", None
-        )
+        state = getattr(weight, "quant_state", None)
+        if state is None:  # lost by a parameter conversion; bitsandbytes keeps a copy
+            state = getattr(self.base_layer, "quant_state", None)
         if state is None:  # not quantized yet (still on the meta device or before .to())
             return weight.data.to(dtype, copy=True).reshape(self.weight_shape).contiguous()
         import bitsandbytes.functional as bnbf

@@ -31,7 +31,18 @@ def _write(param: Tensor, update_fp32: Tensor) -> None:
         param.copy_(update_fp32.to(param.dtype))
 
 
-class SparseAdamW(torch.optim.Optimizer):
+class _KeepStateDtype:
+    """Keep our state's dtypes on `load_state_dict` (torch casts floats to the param dtype).
+
+    Our state is float32 (or uint8 codes + float32 scales) on purpose, even for bf16 deltas.
+    """
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        return value.to(device=param.device)
+
+
+class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
     """AdamW for sparse deltas.
 
     Decoupled weight decay shrinks each delta toward zero, i.e. pulls the fine-tuned weight
@@ -98,7 +109,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state[key] = _remap(state[key], source, init.get(key))
 
 
-class SM3(torch.optim.Optimizer):
+class SM3(_KeepStateDtype, torch.optim.Optimizer):
     """SM3 (Anil et al., 2019) with O(rows + cols) second-moment memory for sparse deltas.
 
     For a delta at (i, j): nu = min(row[i], col[j]) + g^2, update = g / (sqrt(nu) + eps); then

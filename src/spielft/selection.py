@@ -15,6 +15,10 @@ indices with the smallest |delta| and regrows as many inactive ones:
 
 "Eligible" means not active before the update, except at a full reselection (p = 1), where
 nothing is kept and every position may be chosen.
+
+Under DDP every rank selects the same indices: see `spielft.distributed` (AG statistics
+averaged over ranks, a fingerprint check of the indices at start-up and after each update,
+sharded engines refused).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from . import distributed
 from .layer import SparseDelta
 
 if TYPE_CHECKING:
@@ -96,9 +100,12 @@ class GradientAccumulator:
     def __call__(self, dense_grad: Tensor) -> None:
         flat = dense_grad.reshape(-1)
         if self.candidates is None:
-            ranking = flat.abs()  # a fresh tensor: the caller still needs dense_grad
-            if self.group is not None:
-                dist.all_reduce(ranking, group=self.group)
+            if self.group is None:
+                ranking = flat.abs()  # a fresh tensor: the caller still needs dense_grad
+            else:
+                # Under DDP this is the rank's local gradient: rank by |mean over ranks|, the
+                # global-batch gradient (identical on every rank, so the candidates are too).
+                ranking = distributed.all_reduce_mean_(flat.abs(), self.group)  # MUTATION
             if self.exclude_active:
                 ranking[self.delta.indices.long()] = float("-inf")
             self.candidates = _masked_topk(ranking, self.num_candidates).sort().values
@@ -149,11 +156,14 @@ class SpielSelector:
         self.step_count = 0
         self.num_updates = 0
         self.accumulators: dict[str, GradientAccumulator] = {}
-        self.group = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Our own group, so our collectives never interleave with DDP's gradient buckets.
-            self.group = dist.new_group()
+        # Under DDP (torch.distributed initialised, several ranks): our own process group, so
+        # our collectives never interleave with DDP's gradient buckets. Creating it, refusing
+        # sharded engines and the start-up check are collective: every rank builds a selector.
+        self.group = distributed.selection_group()
+        distributed.refuse_unsupported(model, optimizer, self.deltas, group=self.group)
         self._arm()
+        if self.group is not None:
+            self._check_consistent(at_start=True)
 
     # -- schedule ------------------------------------------------------------------------------
     def next_update_step(self, after: int) -> int | None:
@@ -226,6 +236,8 @@ class SpielSelector:
         start = time.perf_counter()
         rate = self.rate_at(self.step_count)
         changed = skipped = 0
+        if self.group is not None and self.config.regrowth == "ag":
+            self._reduce_ag_statistics()
         for name, delta in self.deltas.items():
             n_drop = self._num_to_regrow(delta, rate)
             if n_drop == 0:
@@ -265,10 +277,7 @@ class SpielSelector:
         acc = self.accumulators.get(name)
         if acc is None or acc.candidates is None:
             return None, None
-        grad_sum = acc.grad_sum
-        if self.group is not None:
-            grad_sum = grad_sum.clone()
-            dist.all_reduce(grad_sum, group=self.group)
+        grad_sum = acc.grad_sum  # under DDP: already averaged over ranks by update()
         chosen = _masked_topk(grad_sum.abs(), n)
         grown = acc.candidates[chosen]
         init = None
@@ -308,20 +317,74 @@ class SpielSelector:
         self.optimizer.reindex(delta.values, source, seeds)  # type: ignore[attr-defined]
         return n
 
-    def _check_consistent(self) -> None:
-        """Fail loudly if ranks chose different indices (they must never diverge)."""
-        sums = torch.stack(
-            [(d.indices.long() * 2654435761 % 1000003).sum().double() for d in self.deltas.values()]
-        )
-        low, high = sums.clone(), sums.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
-        if not torch.equal(low, high):
-            bad = [n for n, lo, hi in zip(self.deltas, low, high, strict=True) if lo != hi]
+    def _reduce_ag_statistics(self) -> None:
+        """Average every matrix's AG gradient sums over the ranks (one all-reduce in all).
+
+        The captured gradients are each rank's local ones (DDP averages only the deltas'
+        gradients), so the mean of the ranks' sums is what a single process would have summed
+        over the global batch. First checks (one small collective) that every rank has the
+        same candidates and micro-batch count for every matrix, so a mismatch raises instead
+        of mixing unrelated statistics.
+        """
+        if not self.deltas:
+            return
+        accs = [self.accumulators.get(name) for name in self.deltas]
+        device = next(iter(self.deltas.values())).values.device
+        rows = []
+        for acc in accs:
+            if acc is None or acc.candidates is None:
+                rows.append(torch.full((4,), -1, dtype=torch.long, device=device))
+            else:
+                count = torch.tensor([acc.count], dtype=torch.long, device=device)
+                rows.append(torch.cat([count, distributed.fingerprint(acc.candidates).to(device)]))
+        same = distributed.agreement(torch.cat(rows), self.group).view(-1, 4).all(dim=1)
+        if not bool(same.all()):
+            bad = [n for n, ok in zip(self.deltas, same.tolist(), strict=True) if not ok]
             raise RuntimeError(
-                f"SpIEL selection diverged across ranks at step {self.step_count} in {bad[:3]}: "
-                "indices differ between processes."
+                f"SpIEL AG statistics differ across ranks at step {self.step_count} in "
+                f"{bad[:3]} ({len(bad)} matrices): different candidates or numbers of "
+                "micro-batches. Every rank must run the same number of micro-batches per "
+                "optimizer step, and every targeted module must take part in every backward "
+                "pass on every rank during accumulation windows (e.g. not MoE experts that may "
+                "receive no tokens: use regrowth='ma' or exclude them)."
             )
+        live = [acc for acc in accs if acc is not None and acc.candidates is not None]
+        if not live:
+            return
+        flat = torch.cat([acc.grad_sum for acc in live])
+        distributed.all_reduce_mean_(flat, self.group)
+        for acc, part in zip(live, flat.split([a.grad_sum.numel() for a in live]), strict=True):
+            acc.grad_sum = part.clone()
+
+    def _check_consistent(self, at_start: bool = False) -> None:
+        """Fail loudly, on every rank, if ranks hold different indices (one collective).
+
+        Compares a fingerprint of every matrix's index set (and the schedule position).
+        """
+        device = next(iter(self.deltas.values())).values.device if self.deltas else "cpu"
+        schedule = torch.tensor([self.step_count, self.num_updates], device=device)
+        rows = [distributed.fingerprint(d.indices).to(device) for d in self.deltas.values()]
+        same = distributed.agreement(torch.cat([schedule, *rows]), self.group)
+        if bool(same.all()):
+            return
+        if not bool(same[:2].all()):
+            raise RuntimeError(
+                f"SpIEL selectors are out of step across ranks (this rank: step "
+                f"{self.step_count}, {self.num_updates} updates): every rank must call "
+                "selector.step() once per optimizer step."
+            )
+        per_module = same[2:].view(-1, 3).all(dim=1).tolist()
+        bad = [n for n, ok in zip(self.deltas, per_module, strict=True) if not ok]
+        if at_start:
+            raise RuntimeError(
+                f"SpIEL indices differ across ranks at start-up in {bad[:3]} ({len(bad)} "
+                "matrices): every process must build the same adapter (same base model, same "
+                "SpielConfig.seed, same loaded adapter) before training."
+            )
+        raise RuntimeError(
+            f"SpIEL selection diverged across ranks at step {self.step_count} in {bad[:3]} "
+            f"({len(bad)} matrices): indices differ between processes."
+        )
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,648 @@
+"""SpIEL training with 🤗 `transformers.Trainer` (and trl's `SFTTrainer`).
+
+Two ways in:
+
+* `SpielTrainer`: a `transformers.Trainer` that builds the SpIEL optimizer (SparseAdamW for
+  ``regrowth="ag"``, SM3 for ``"ma"``) from its `TrainingArguments`, runs the drop-and-regrow
+  schedule, logs its statistics (``spiel/indices_changed``, ``spiel/reselection_rate``, ...),
+  and writes checkpoints that hold the adapter only (``adapter_model.safetensors``), never the
+  base model's weights. ``SpielTrainerMixin`` gives any other Trainer subclass the same.
+
+* `SpielCallback` plus `create_spiel_optimizer` for a Trainer you do not subclass, above all
+  trl's ``SFTTrainer``::
+
+      spiel = get_spiel_model(base, SpielConfig(...))
+      trainer = SFTTrainer(
+          model=spiel.base_model,            # the transformers model, deltas inside: see below
+          args=args,
+          train_dataset=dataset,
+          processing_class=tokenizer,
+          optimizers=(create_spiel_optimizer(spiel, args), None),
+          callbacks=[SpielCallback(spiel)],
+      )
+
+  ``SFTTrainer`` must get ``spiel.base_model`` (the ``PreTrainedModel`` whose layers now carry
+  the sparse deltas), not the `SpielModel` itself: it replaces the model's ``forward`` with a
+  fused LM head that calls ``model.base_model`` expecting the transformer backbone, and on a
+  `SpielModel` that attribute is the whole causal LM (the callback raises a clear error if it
+  sees this). Training the inner model trains the deltas all the same; the callback still
+  needs the `SpielModel`, so pass it explicitly. The callback steps the selector once per
+  optimizer step, writes the selector state (and the adapter) into each checkpoint folder and
+  restores both when training resumes. The Trainer itself still saves its usual full
+  ``model.safetensors`` in checkpoints (and ``trainer.save_model()`` writes the inner model with
+  its ``spiel_deltas`` keys, not a plain transformers checkpoint): save the result with
+  ``spiel.save_pretrained(dir)``. For adapter-only checkpoints and ``save_model()`` use
+  ``class SpielSFTTrainer(SpielTrainerMixin, SFTTrainer)`` with the same arguments. A plain
+  ``Trainer`` given a `SpielModel` plus this callback saves ``model.state_dict()`` in full,
+  which fails on tied embeddings; use `SpielTrainer` there.
+
+Checkpoint contents written by this module (next to the Trainer's ``optimizer.pt``,
+``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``):
+
+* ``adapter_model.safetensors`` + ``adapter_config.json``: `SpielModel.save_pretrained`.
+* ``spiel_selector_state.json``: the selector's integers (step count, number of updates, ...)
+  and ``spiel_selector_state.safetensors``: its tensors (the AG gradient sums of an open
+  accumulation window). Nothing is pickled. With several processes each rank writes its own
+  tensors file (``...-rank{N}.safetensors``), since gradient sums are per rank until an update.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import find_labels
+
+from .layer import SpielLayer
+from .model import ADAPTER_WEIGHTS_NAME, SpielModel, _atomic_write, read_adapter
+from .selection import SpielSelector
+
+try:  # only the name of the file; present in every supported transformers version
+    from transformers.trainer import OPTIMIZER_NAME, TRAINING_ARGS_NAME
+except ImportError:  # pragma: no cover
+    OPTIMIZER_NAME, TRAINING_ARGS_NAME = "optimizer.pt", "training_args.bin"
+
+try:
+    from transformers.utils import can_return_loss
+except ImportError:  # pragma: no cover
+    can_return_loss = None
+
+logger = logging.getLogger(__name__)
+
+SELECTOR_STATE_NAME = "spiel_selector_state.json"
+SELECTOR_TENSORS_NAME = "spiel_selector_state.safetensors"
+SELECTOR_FORMAT_VERSION = 1
+
+__all__ = [
+    "SELECTOR_STATE_NAME",
+    "SELECTOR_TENSORS_NAME",
+    "SpielCallback",
+    "SpielTrainer",
+    "SpielTrainerMixin",
+    "create_spiel_optimizer",
+    "create_spiel_optimizer_and_scheduler",
+    "load_adapter_in_place",
+    "load_selector_state",
+    "save_selector_state",
+]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _find_spiel_model(model: Any) -> SpielModel | None:
+    """The `SpielModel` in ``model`` (itself, or inside DDP/accelerate wrappers), else None."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, SpielModel):
+            return model
+        inner = getattr(model, "module", None)
+        model = inner if inner is not None else getattr(model, "_orig_mod", None)
+        seen += 1
+    return None
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar) wrappers."""
+    seen = 0
+    while optimizer is not None and not hasattr(optimizer, "reindex") and seen < 8:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
+def _optim_arg(args: TrainingArguments, key: str) -> str | None:
+    """``key`` from ``args.optim_args`` ("a=1,b=2"), if present."""
+    text = getattr(args, "optim_args", None) or ""
+    for item in text.replace(" ", "").split(","):
+        name, _, value = item.partition("=")
+        if name == key and value:
+            return value
+    return None
+
+
+def _is_main_process(args: TrainingArguments) -> bool:
+    return bool(getattr(args, "should_save", True))
+
+
+def _rank_and_world(args: TrainingArguments) -> tuple[int, int]:
+    return int(getattr(args, "process_index", 0)), int(getattr(args, "world_size", 1))
+
+
+# -- optimizer -------------------------------------------------------------------------------------
+def create_spiel_optimizer(
+    model: nn.Module, args: TrainingArguments, *, sm3_momentum: float | None = None
+) -> torch.optim.Optimizer:
+    """The SpIEL optimizer for ``model``'s active adapter, configured from ``args``.
+
+    ``regrowth="ag"``: `SparseAdamW` with ``learning_rate``, ``weight_decay``, ``adam_beta1``,
+    ``adam_beta2`` and ``adam_epsilon``. ``regrowth="ma"``: `SM3` with ``learning_rate`` and
+    ``weight_decay`` (SM3's own tiny epsilon: ``adam_epsilon`` means something else), and
+    momentum ``sm3_momentum``, else ``momentum=...`` from ``args.optim_args``, else 0.
+    ``args.optim`` is not used. Weight decay applies to the deltas and to other trainable
+    matrices, never to biases and norms (see `SpielModel.create_optimizer`).
+    """
+    spiel = _find_spiel_model(model)
+    if spiel is None:
+        raise TypeError(
+            f"create_spiel_optimizer needs a SpielModel (from get_spiel_model), got "
+            f"{type(model).__name__}"
+        )
+    optim_name = str(getattr(args, "optim", "adamw"))
+    if "adamw" not in optim_name.lower():
+        logger.warning(
+            "TrainingArguments.optim=%r is ignored: SpIEL trains sparse deltas with its own "
+            "optimizer (SparseAdamW for regrowth='ag', SM3 for 'ma').",
+            optim_name,
+        )
+    config = spiel.peft_config[spiel.active_adapter]
+    if config.regrowth == "ma":
+        if sm3_momentum is None:
+            value = _optim_arg(args, "momentum")
+            sm3_momentum = float(value) if value is not None else 0.0
+        return spiel.create_optimizer(
+            lr=args.learning_rate, weight_decay=args.weight_decay, momentum=float(sm3_momentum)
+        )
+    return spiel.create_optimizer(
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+
+def create_spiel_optimizer_and_scheduler(
+    model: nn.Module,
+    args: TrainingArguments,
+    num_training_steps: int,
+    *,
+    sm3_momentum: float | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """`create_spiel_optimizer` plus the scheduler ``args`` asks for (type, warmup, kwargs).
+
+    For ``Trainer(optimizers=...)`` you can also pass ``(create_spiel_optimizer(...), None)``
+    and let the Trainer build the scheduler once it knows the number of steps.
+    """
+    optimizer = create_spiel_optimizer(model, args, sm3_momentum=sm3_momentum)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    return optimizer, scheduler
+
+
+# -- adapter and selector state ------------------------------------------------------------------
+@torch.no_grad()
+def load_adapter_in_place(
+    model: SpielModel, adapter_dir: str | os.PathLike, adapter_name: str | None = None
+) -> None:
+    """Load a saved adapter's indices and values into ``model``'s existing deltas.
+
+    Unlike `SpielModel.load_adapter`, this keeps every `SparseDelta` and ``values`` parameter
+    object, so an optimizer, its (slot-ordered) state and the selector created for them stay
+    valid. The index sets changed during training, so each delta is reassigned to the saved
+    indices; the number of deltas per module must match.
+    """
+    adapter_name = adapter_name or model.active_adapter
+    _, state = read_adapter(adapter_dir, model.base_model)
+    deltas = model.sparse_deltas(adapter_name)
+    if set(state) != set(deltas):
+        missing, extra = sorted(set(deltas) - set(state)), sorted(set(state) - set(deltas))
+        raise ValueError(
+            f"adapter in {adapter_dir} does not match adapter {adapter_name!r}: modules missing "
+            f"from the file {missing[:3]}, unknown modules {extra[:3]}"
+        )
+    layers = model.spiel_layers()
+    for name, (indices, values) in state.items():
+        delta = deltas[name]
+        layer: SpielLayer = layers[name]
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"unmerge the model before loading an adapter into it ({name})")
+        if indices.numel() != delta.values.numel():
+            raise ValueError(
+                f"{adapter_dir}, module {name!r}: {indices.numel()} deltas saved, the model "
+                f"has {delta.values.numel()}"
+            )
+        delta.indices = indices.to(device=delta.indices.device, dtype=delta.indices.dtype)
+        delta.values.copy_(values.to(device=delta.values.device, dtype=delta.values.dtype))
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON-able copy of ``obj`` with each tensor moved to ``tensors`` (and a reference left)."""
+    if isinstance(obj, Tensor):
+        key = prefix or "tensor"
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {
+            str(k): _flatten(v, f"{prefix}/{k}" if prefix else str(k), tensors)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"selector state holds a {type(obj).__name__} at {prefix!r}: not serialisable")
+
+
+def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _tensors_name(rank: int, world_size: int) -> str:
+    if world_size <= 1:
+        return SELECTOR_TENSORS_NAME
+    return SELECTOR_TENSORS_NAME.replace(".safetensors", f"-rank{rank}.safetensors")
+
+
+def save_selector_state(
+    selector: SpielSelector,
+    directory: str | os.PathLike,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    write_json: bool = True,
+) -> None:
+    """Write ``selector.state_dict()``: integers to JSON, tensors to safetensors (no pickle)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    tree = _flatten(selector.state_dict(), "", tensors)
+    name = _tensors_name(rank, world_size)
+    _atomic_write(directory / name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if write_json:
+        meta = {
+            "format_version": SELECTOR_FORMAT_VERSION,
+            "adapter_name": selector.adapter_name,
+            "regrowth": selector.config.regrowth,
+            "world_size": world_size,
+            "state": tree,
+        }
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / SELECTOR_STATE_NAME, lambda p: Path(p).write_text(text))
+
+
+def load_selector_state(
+    selector: SpielSelector,
+    directory: str | os.PathLike,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    total_steps: int | None = None,
+) -> None:
+    """Restore a selector saved by `save_selector_state` (tensors onto the deltas' devices).
+
+    ``total_steps`` (the resumed run's length) overrides the saved one if given; a mismatch is
+    logged, since it changes the reselection-rate schedule from then on.
+    """
+    directory = Path(directory)
+    meta = json.loads((directory / SELECTOR_STATE_NAME).read_text())
+    if meta.get("format_version") != SELECTOR_FORMAT_VERSION:
+        raise ValueError(
+            f"{directory / SELECTOR_STATE_NAME}: unknown selector state format "
+            f"{meta.get('format_version')!r}"
+        )
+    if (
+        meta.get("adapter_name") != selector.adapter_name
+        or meta.get("regrowth") != selector.config.regrowth
+    ):
+        raise ValueError(
+            f"{directory}: selector state of adapter {meta.get('adapter_name')!r} "
+            f"(regrowth={meta.get('regrowth')!r}) cannot resume adapter "
+            f"{selector.adapter_name!r} (regrowth={selector.config.regrowth!r})"
+        )
+    if int(meta.get("world_size", 1)) != world_size:
+        raise ValueError(
+            f"{directory}: selector state saved with {meta.get('world_size')} processes, "
+            f"resuming with {world_size}; per-rank gradient statistics cannot be redistributed"
+        )
+    path = directory / _tensors_name(rank, world_size)
+    tensors = load_file(str(path)) if path.is_file() else {}
+    state = _unflatten(meta["state"], tensors)
+    default_device = (
+        next(iter(selector.deltas.values())).values.device if selector.deltas else "cpu"
+    )
+    for name, acc in state.get("accumulators", {}).items():
+        device = selector.deltas[name].values.device if name in selector.deltas else default_device
+        for key, value in acc.items():
+            if isinstance(value, Tensor):
+                acc[key] = value.to(device)
+    if total_steps is not None and int(state.get("total_steps", total_steps)) != int(total_steps):
+        logger.warning(
+            "Resuming with max_steps=%d, the checkpoint's selector was scheduled for %d steps: "
+            "the reselection rate now decays over %d steps.",
+            total_steps,
+            state["total_steps"],
+            total_steps,
+        )
+        state["total_steps"] = int(total_steps)
+    selector.load_state_dict(state)
+
+
+# -- the callback ----------------------------------------------------------------------------------
+class SpielCallback(TrainerCallback):
+    """Runs SpIEL's drop-and-regrow schedule inside any `transformers.Trainer`.
+
+    * ``on_train_begin``: builds the `SpielSelector` (``total_steps`` = the Trainer's
+      ``max_steps``) over the Trainer's optimizer, which must come from
+      `create_spiel_optimizer` / `SpielModel.create_optimizer`. When resuming, it loads the
+      adapter (indices and values, in place) and the selector state from the checkpoint, so
+      the schedule continues where it stopped: no restart at step 0, no second full
+      reselection.
+    * ``on_optimizer_step``: steps the selector once per optimizer step (after
+      ``optimizer.step()``; gradient-accumulation micro-batches do not step it).
+    * ``on_log``: adds ``spiel/indices_changed`` (summed since the last log),
+      ``spiel/reselection_rate`` and ``spiel/update_seconds`` of the updates since the last
+      log to the Trainer's log history and to the callbacks that run after this one (the
+      progress bar; report_to integrations registered before it miss them — `SpielTrainer`
+      logs them through ``Trainer.log`` instead, so every integration sees them).
+    * ``on_save``: writes the selector state and, unless the Trainer already did, the adapter
+      into ``output_dir/checkpoint-{step}``.
+
+    Args:
+        model: The `SpielModel`; required when the Trainer holds another object (e.g.
+            ``spiel.base_model`` for trl's ``SFTTrainer``), else taken from the Trainer.
+        resume_from_checkpoint: The checkpoint folder to restore from. When unset and
+            training resumes at step N, ``args.output_dir/checkpoint-N`` is used (what
+            ``train(resume_from_checkpoint=True)`` picks); `SpielTrainer` sets it itself.
+    """
+
+    def __init__(
+        self, model: SpielModel | None = None, resume_from_checkpoint: str | None = None
+    ) -> None:
+        if model is not None and _find_spiel_model(model) is None:
+            raise TypeError(f"SpielCallback needs a SpielModel, got {type(model).__name__}")
+        self.model: SpielModel | None = _find_spiel_model(model)
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.selector: SpielSelector | None = None
+        self.run_dir: str | None = None  # set by SpielTrainerMixin (hyperparameter search)
+        self.adapter_loaded = False  # set by SpielTrainerMixin once it loaded the checkpoint
+        self._pending: dict[str, float] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _resolve_model(self, trainer_model: Any) -> SpielModel:
+        spiel_in_trainer = _find_spiel_model(trainer_model)
+        if spiel_in_trainer is not None and "forward" in vars(spiel_in_trainer):
+            raise TypeError(
+                "The Trainer replaced SpielModel.forward (trl's SFTTrainer patches in a fused LM "
+                "head that needs the transformer backbone as `model.base_model`). Pass the inner "
+                "model instead: SFTTrainer(model=spiel.base_model, ..., "
+                "callbacks=[SpielCallback(spiel)])."
+            )
+        model = self.model if self.model is not None else spiel_in_trainer
+        if model is None:
+            raise TypeError(
+                f"SpielCallback: the Trainer's model is a {type(trainer_model).__name__}, not a "
+                "SpielModel; pass the SpielModel explicitly: SpielCallback(spiel_model)."
+            )
+        self.model = model
+        return model
+
+    def pop_logs(self) -> dict[str, float]:
+        """The statistics of the updates since the last call (empty if none)."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def _record(self, stats: dict[str, float]) -> None:
+        for key in ("spiel/indices_changed", "spiel/update_seconds"):
+            self._pending[key] = self._pending.get(key, 0.0) + float(stats.get(key, 0.0))
+        self._pending["spiel/reselection_rate"] = float(stats["spiel/reselection_rate"])
+        self._pending["spiel/num_updates"] = float(self.selector.num_updates)
+
+    def _checkpoint_dir(self, args: TrainingArguments, global_step: int) -> str:
+        return os.path.join(
+            self.run_dir or args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
+        )
+
+    # -- events ----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        spiel = self._resolve_model(model)
+        raw = _unwrap_optimizer(optimizer)
+        if raw is None or not hasattr(raw, "reindex"):
+            raise TypeError(
+                f"SpIEL needs its own optimizer (it remaps per-slot state when indices change); "
+                f"the Trainer has {type(raw).__name__}. Pass optimizers=(create_spiel_optimizer("
+                "spiel_model, args), None) or use SpielTrainer."
+            )
+        if self.selector is not None:
+            self.selector.close()
+        self._pending = {}
+        self.selector = spiel.create_selector(raw, total_steps=state.max_steps)
+        if state.global_step > 0:
+            self._restore(args, state, spiel, raw)
+        self.resume_from_checkpoint = None
+        self.adapter_loaded = False
+        return control
+
+    def _restore(self, args, state, spiel: SpielModel, optimizer) -> None:
+        checkpoint = self.resume_from_checkpoint or self._checkpoint_dir(args, state.global_step)
+        rank, world = _rank_and_world(args)
+        if not self.adapter_loaded and os.path.isfile(
+            os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)
+        ):
+            load_adapter_in_place(spiel, checkpoint, self.selector.adapter_name)
+        if os.path.isfile(os.path.join(checkpoint, SELECTOR_STATE_NAME)):
+            load_selector_state(
+                self.selector, checkpoint, rank=rank, world_size=world, total_steps=state.max_steps
+            )
+            if self.selector.step_count != state.global_step:
+                logger.warning(
+                    "Selector state in %s is at step %d but training resumes at step %d.",
+                    checkpoint,
+                    self.selector.step_count,
+                    state.global_step,
+                )
+            return
+        # No saved selector: rebuild the schedule position from the step count alone.
+        step = state.global_step
+        reselection = self.selector.config.reselection_steps
+        updates = min(step, self.selector.total_steps - 1) // reselection
+        logger.warning(
+            "Resuming at step %d without %s in %s: the SpIEL schedule continues from the step "
+            "count (%d updates done); statistics of an open AG accumulation window are lost.",
+            step,
+            SELECTOR_STATE_NAME,
+            checkpoint,
+            updates,
+        )
+        self.selector.load_state_dict(
+            {"step_count": step, "num_updates": updates, "total_steps": self.selector.total_steps}
+        )
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.selector is not None:
+            stats = self.selector.step()
+            if stats:
+                self._record(stats)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None and not any(k.startswith("eval_") for k in logs):
+            extra = self.pop_logs()
+            logs.update(extra)
+            if state.log_history:
+                state.log_history[-1].update(extra)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.selector is None:
+            return control
+        directory = self._checkpoint_dir(args, state.global_step)
+        rank, world = _rank_and_world(args)
+        main = _is_main_process(args)
+        if world > 1 or main:
+            save_selector_state(
+                self.selector, directory, rank=rank, world_size=world, write_json=main
+            )
+        if (
+            main
+            and self.model is not None
+            and not os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+        ):
+            self.model.save_pretrained(directory, self.selector.adapter_name)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.selector is not None:
+            self.selector.close()  # no more dense-gradient captures outside training
+        return control
+
+
+if not hasattr(TrainerCallback, "on_optimizer_step"):  # pragma: no cover - transformers < 4.42
+
+    def _on_step_end(self, args, state, control, **kwargs):
+        return SpielCallback.on_optimizer_step(self, args, state, control, **kwargs)
+
+    SpielCallback.on_step_end = _on_step_end
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+class SpielTrainerMixin:
+    """Makes a `transformers.Trainer` subclass train a `SpielModel` with SpIEL.
+
+    Use as ``class MyTrainer(SpielTrainerMixin, SomeTrainer)``. On top of a `SpielCallback`
+    (added unless one is passed in ``callbacks``), it:
+
+    * creates the optimizer with `create_spiel_optimizer` (``sm3_momentum`` for ``"ma"``);
+    * saves checkpoints and ``save_model()`` output as the adapter only
+      (``adapter_model.safetensors`` + ``adapter_config.json``, plus the tokenizer and
+      ``training_args.bin`` as usual), never the base model's weights;
+    * resumes by loading the checkpoint's indices and values into the existing deltas;
+    * logs the selection statistics through ``Trainer.log``;
+    * takes label names and dataset columns from the wrapped transformers model.
+
+    Not supported: DeepSpeed and FSDP (their checkpoints bypass these hooks).
+    """
+
+    def __init__(self, *args: Any, sm3_momentum: float | None = None, **kwargs: Any) -> None:
+        self.sm3_momentum = sm3_momentum
+        super().__init__(*args, **kwargs)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SpielCallback)]
+        if callbacks:
+            self.spiel_callback: SpielCallback = callbacks[0]
+        else:
+            self.spiel_callback = SpielCallback()
+            self.add_callback(self.spiel_callback)
+        spiel = self.spiel_callback.model
+        if spiel is None:
+            spiel = _find_spiel_model(self.model)
+        if spiel is None:
+            raise TypeError(
+                f"{type(self).__name__} trains a SpielModel; got {type(self.model).__name__}. "
+                "Pass the SpielModel as model, or callbacks=[SpielCallback(spiel_model)]."
+            )
+        self.spiel_callback.model = spiel
+        self.spiel_model = spiel
+        if _find_spiel_model(self.model) is not None:
+            # SpielModel.forward(*args, **kwargs) hides the signature Trainer inspects.
+            inner = type(spiel.base_model)
+            if self.args.label_names is None:
+                self.label_names = find_labels(inner)
+            if can_return_loss is not None:
+                self.can_return_loss = can_return_loss(inner)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None and _find_spiel_model(self.model) is not None:
+            columns = list(inspect.signature(self.spiel_model.base_model.forward).parameters)
+            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
+        super()._set_signature_columns_if_needed()
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = create_spiel_optimizer(
+                self.spiel_model, self.args, sm3_momentum=self.sm3_momentum
+            )
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if not any(k.startswith("eval_") for k in logs):
+            logs.update(self.spiel_callback.pop_logs())
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        self.spiel_callback.run_dir = self._get_output_dir(trial=trial)
+        super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter (not the base model), the tokenizer and the training arguments."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving SpIEL adapter to %s", output_dir)
+        self.spiel_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        """Load the checkpoint's adapter into the model in place (indices and values)."""
+        self.spiel_callback.resume_from_checkpoint = resume_from_checkpoint
+        if os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_WEIGHTS_NAME)):
+            load_adapter_in_place(self.spiel_model, resume_from_checkpoint)
+            self.spiel_callback.adapter_loaded = True
+        else:  # e.g. a checkpoint written by a plain Trainer: full state dict
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.isfile(os.path.join(best, ADAPTER_WEIGHTS_NAME)):
+            logger.info("Loading best adapter from %s (score: %s).", best, self.state.best_metric)
+            load_adapter_in_place(self.spiel_model, best)
+        else:
+            super()._load_best_model()
+
+
+class SpielTrainer(SpielTrainerMixin, Trainer):
+    """`transformers.Trainer` for a `SpielModel`: SpIEL optimizer, schedule, adapter checkpoints.
+
+    Use like ``Trainer`` (``SpielTrainer(model=spiel_model, args=..., train_dataset=...)``);
+    the extra keyword ``sm3_momentum`` sets SM3's momentum for ``regrowth="ma"``. See
+    `SpielTrainerMixin` and `SpielCallback` for what it adds, and the module docstring for
+    the checkpoint layout. ``trainer.selector`` is the running `SpielSelector` once
+    ``train()`` has started.
+    """
+
+    @property
+    def selector(self) -> SpielSelector | None:
+        return self.spiel_callback.selector
