@@ -193,9 +193,15 @@ def main(out_dir: str) -> None:
             ddp_kwargs={"find_unused_parameters": False},
             ag_seed_optimizer_state=True,  # seeds = mean gradients: checks AVG, not SUM
         )
-        # MA, and DDP's find_unused_parameters=True (what transformers.Trainer picks for us).
+        # MA, with DDP's find_unused_parameters=True (what transformers.Trainer picks for a
+        # SpielModel) and without DDP re-broadcasting rank 0's buffers (the indices) at each
+        # forward: the ranks must agree on their own.
         results["ma"] = train(
-            "ma", rank, world, micro=1, ddp_kwargs={"find_unused_parameters": True}
+            "ma",
+            rank,
+            world,
+            micro=1,
+            ddp_kwargs={"find_unused_parameters": True, "broadcast_buffers": False},
         )
         # Divergent indices must raise on every rank at the update (no hang).
         results["corrupt"] = _capture(
@@ -309,11 +315,36 @@ def trainer_main(out_dir: str) -> None:
         results["resumed"] = trainer_run(
             os.path.join(out_dir, "run"), per_device_batch=2, resume=checkpoint
         )
+        # Trainer(fsdp=True) must be refused when train() starts, on every rank.
+        results["fsdp_trainer"] = _capture(lambda: trainer_fsdp(os.path.join(out_dir, "fsdp")))
     except Exception:
         results["crash"] = traceback.format_exc()
         raise
     finally:
         torch.save(results, os.path.join(out_dir, f"trainer-rank{rank}.pt"))
+
+
+def trainer_fsdp(out_dir: str) -> None:
+    from transformers import TrainingArguments
+
+    from spielft.trainer import SpielTrainer
+
+    spiel = get_spiel_model(tiny_llama(), spiel_config("ag"))
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(64, (8, SEQ_LEN))]
+    try:
+        args = TrainingArguments(
+            output_dir=out_dir,
+            fsdp=True,
+            use_cpu=True,
+            ddp_backend="gloo",
+            max_steps=2,
+            per_device_train_batch_size=2,
+            report_to=[],
+            disable_tqdm=True,
+        )
+        SpielTrainer(model=spiel, args=args, train_dataset=data).train()
+    finally:
+        os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by TrainingArguments(fsdp=...)
 
 
 if __name__ == "__main__":

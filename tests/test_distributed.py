@@ -116,7 +116,7 @@ def test_ddp_ag_selection_agrees_across_ranks_and_matches_single_process(ddp_res
 
 @needs_gloo
 def test_ddp_ma_selection_agrees_across_ranks_and_matches_single_process(ddp_results):
-    """MA, DDP with find_unused_parameters=True (what transformers.Trainer picks)."""
+    """MA, DDP with find_unused_parameters=True (what Trainer picks) and no buffer broadcast."""
     reference = worker.train("ma", micro=1)
     _assert_same_as_reference([r["ma"] for r in ddp_results], reference, n_updates=3)
 
@@ -159,13 +159,17 @@ def test_real_fsdp_wrapping_is_refused_on_every_rank(ddp_results):
 @needs_gloo
 def test_spiel_trainer_under_accelerate_ddp_matches_single_process(trainer_results, tmp_path):
     """`accelerate launch` + SpielTrainer (AG, gradient accumulation 2), then a resume from a
-    checkpoint written inside an accumulation window (per-rank gradient sums)."""
+    checkpoint written inside an accumulation window (per-rank gradient sums); and
+    `Trainer(fsdp=True)` refused when train() starts."""
     for rank in trainer_results:
         assert "crash" not in rank, rank.get("crash")
         assert rank["model_type"] == "DistributedDataParallel"
         assert rank["num_updates"] == 2 and rank["changed"] == [3686.0, 454.0]
         assert {"spiel_selector_state-rank0.safetensors", "spiel_selector_state-rank1.safetensors",
                 "adapter_model.safetensors"} <= set(rank["checkpoint"])  # fmt: skip
+        assert rank["fsdp_trainer"].startswith(
+            "UnsupportedParallelismError: spielft does not support FSDP"
+        )
     reference = worker.trainer_run(str(tmp_path), per_device_batch=4)
     assert reference["model_type"] == "SpielModel" and reference["changed"] == [3686.0, 454.0]
     for name, (indices, values) in reference["final"].items():

@@ -105,7 +105,7 @@ class GradientAccumulator:
             else:
                 # Under DDP this is the rank's local gradient: rank by |mean over ranks|, the
                 # global-batch gradient (identical on every rank, so the candidates are too).
-                ranking = distributed.all_reduce_mean_(flat.abs(), self.group)  # MUTATION
+                ranking = distributed.all_reduce_mean_(flat.clone(), self.group).abs_()
             if self.exclude_active:
                 ranking[self.delta.indices.long()] = float("-inf")
             self.candidates = _masked_topk(ranking, self.num_candidates).sort().values

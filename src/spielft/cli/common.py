@@ -1,0 +1,111 @@
+"""Pieces shared by the CLI recipes: loading a model with or without an adapter, eval data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import load_records
+from ..default_model import load_model_and_tokenizer
+from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
+from ..model import ADAPTER_CONFIG_NAME, SpielModel
+
+DEMO = "demo"
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
+
+
+def add_model_arguments(parser, *, adapter: bool = True) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local Hugging Face folder or .gguf file (default: the embedded "
+                             "SmolLM2-135M-Instruct)")
+    if adapter:
+        parser.add_argument("--adapter", default=None,
+                            help="adapter folder to apply (spielft or peft LoRA)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="load the base model quantized with bitsandbytes")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def quantization_config(kind: str | None, dtype: torch.dtype) -> Any:
+    if kind is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+
+
+def load_model(model: str | None, dtype_name: str = "float32", quantize: str | None = None):
+    dtype = getattr(torch, dtype_name)
+    return load_model_and_tokenizer(model, dtype=dtype,
+                                    quantization_config=quantization_config(quantize, dtype))
+
+
+def apply_adapter(model: torch.nn.Module, adapter_dir: str | None) -> torch.nn.Module:
+    """Wrap ``model`` with a saved spielft or peft adapter (for evaluation or generation)."""
+    if adapter_dir is None:
+        return model
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG_NAME}: not an adapter folder")
+    config = json.loads(config_path.read_text())
+    if config.get("adapter_type") == "spielft":
+        return SpielModel.from_pretrained(model, adapter_dir)
+    if "peft_type" in config:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter_dir)
+    raise ValueError(f"{config_path} is neither a spielft nor a peft adapter config")
+
+
+def eval_records(data: str | None, fields: tuple[str, str] | None, n: int | None) -> list[dict]:
+    """Held-out records: the demo test split, or a user's file (first ``n``)."""
+    if data in (None, DEMO):
+        return load_records(demo_dataset("test", n))
+    records = load_records(data, fields=fields)
+    return records[:n] if n else records
+
+
+def default_extractor(data: str | None) -> str:
+    return DEMO_EXTRACTOR if data in (None, DEMO) else "last_number"
+
+
+def default_max_new_tokens(data: str | None) -> int:
+    return DEMO_MAX_NEW_TOKENS if data in (None, DEMO) else 256
+
+
+def parse_fields(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"--fields takes 'PROMPT_FIELD,COMPLETION_FIELD' (e.g. question,answer), got {value!r}")
+    return parts[0], parts[1]
+
+
+@contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``path`` that replaces it only if the block succeeds."""
+    target = Path(path)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite or choose another --output")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

@@ -1,0 +1,274 @@
+"""``spielft train``: instruction-tune a model with SpIEL (or LoRA / full fine-tuning to compare).
+
+With no arguments it sparse-fine-tunes the embedded SmolLM2-135M-Instruct on the built-in demo
+task and prints the held-out metrics before and after. Every flag can also come from a YAML
+file (``--config run.yaml``, keys named like the flags with underscores); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from ..config import SpielConfig
+from ..data import CausalLMCollator, load_records, tokenize_records, train_val_split
+from ..demo_data import demo_dataset
+from ..model import SpielModel, get_spiel_model
+from ..trainer import SpielTrainer
+from .common import (
+    DEMO,
+    add_model_arguments,
+    default_extractor,
+    default_max_new_tokens,
+    load_model,
+    parse_fields,
+)
+from .evaluate import evaluate
+from .plots import plot_delta_distribution, plot_loss_curves
+
+HELP = "Instruction-tune a model with SpIEL (default: the embedded model on the demo task)."
+METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file with any of these options")
+    add_model_arguments(parser, adapter=False)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=DEMO, help="JSONL/JSON/CSV file or datasets folder (default: the built-in demo task)")
+    data.add_argument("--fields", default=None, help="PROMPT,COMPLETION fields for other formats (e.g. question,answer)")
+    data.add_argument("--eval-data", default=None, help="held-out file (default: a split of --data, or the demo test split)")
+    data.add_argument("--val-size", type=float, default=0.05, help="held-out share (or count, if >= 1) cut from --data")
+    data.add_argument("--max-train-examples", type=int, default=None)
+    data.add_argument("--eval-examples", type=int, default=100, help="held-out examples for the before/after metrics")
+    data.add_argument("--max-length", type=int, default=256)
+    data.add_argument("--packing", action="store_true", help="pack several examples per sequence")
+    data.add_argument("--train-on-prompt", action="store_true", help="also put the loss on prompt tokens")
+    data.add_argument("--extractor", default=None, help="answer extractor: exact, last_number, iso_date, regex:PATTERN")
+    data.add_argument("--max-new-tokens", type=int, default=None)
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", choices=METHODS, default="spiel-ag")
+    method.add_argument("--density", type=float, default=0.01, help="SpIEL: share of the targeted weights")
+    method.add_argument("--num-tunable-weights", type=int, default=None, help="SpIEL: absolute budget (overrides --density)")
+    method.add_argument("--match-lora-rank", type=int, default=None, help="SpIEL: budget = LoRA rank R's parameter count")
+    method.add_argument("--lora-rank", type=int, default=16)
+    method.add_argument("--reselection-steps", type=int, default=20)
+    method.add_argument("--accumulation-steps", type=int, default=5)
+    method.add_argument("--initial-reselection-rate", type=float, default=0.2)
+    method.add_argument("--target-modules", nargs="*", default=None, help="module names (default: every linear layer of the blocks)")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--lr", type=float, default=None, help="default: 2e-4 (AG, LoRA), 2e-3 (MA/SM3), 2e-5 (full)")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--epochs", type=float, default=1.0)
+    optim.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    optim.add_argument("--batch-size", type=int, default=8)
+    optim.add_argument("--grad-accum", type=int, default=1)
+    optim.add_argument("--warmup-steps", type=int, default=None, help="default: 3%% of the steps")
+    optim.add_argument("--gradient-checkpointing", action="store_true")
+    optim.add_argument("--seed", type=int, default=42)
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", default="runs/spielft", help="output folder")
+    run.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --output")
+    run.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from the latest (or the given) checkpoint")
+    run.add_argument("--eval-steps", type=int, default=None, help="held-out loss every N steps (default: 10 evaluations)")
+    run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
+    run.add_argument("--no-generate", action="store_true", help="skip exact-match generation before/after")
+
+
+# -- the pieces ----------------------------------------------------------------------------------------
+
+
+def prepare_data(args, tokenizer) -> tuple[Any, Any, list[dict], dict[str, Any]]:
+    """Train and eval datasets (tokenized), eval records for generation, and a summary."""
+    fields = parse_fields(args.fields)
+    if args.data == DEMO:
+        train_records = load_records(demo_dataset("train", args.max_train_examples))
+        held_out = load_records(demo_dataset("test"))
+    else:
+        train_records = load_records(args.data, fields=fields)
+        if args.eval_data:
+            held_out = load_records(args.eval_data, fields=fields)
+        else:
+            size = int(args.val_size) if args.val_size >= 1 else args.val_size
+            train_records, held_out = train_val_split(train_records, size, seed=args.seed)
+        if args.max_train_examples:
+            train_records = train_records[: args.max_train_examples]
+    if not train_records or not held_out:
+        raise ValueError("need at least one training and one held-out record")
+    eval_records = held_out[: args.eval_examples]
+    train_set, train_stats = tokenize_records(train_records, tokenizer, max_length=args.max_length,
+                                              train_on_prompt=args.train_on_prompt, packing=args.packing)
+    eval_set, _ = tokenize_records(eval_records, tokenizer, max_length=args.max_length)
+    summary = {"train_records": len(train_records), "eval_records": len(eval_records),
+               "train_sequences": train_stats.num_sequences, "truncated": train_stats.num_truncated,
+               "dropped": train_stats.num_dropped}
+    return train_set, eval_set, eval_records, summary
+
+
+def lora_parameter_count(model: torch.nn.Module, rank: int, targets: list[str]) -> int:
+    return sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+
+
+def wrap_for_method(args, model: torch.nn.Module) -> torch.nn.Module:
+    targets = args.target_modules or BLOCK_LINEARS
+    if args.method.startswith("spiel"):
+        budget = args.num_tunable_weights
+        if args.match_lora_rank:
+            budget = lora_parameter_count(model, args.match_lora_rank, targets)
+        config = SpielConfig(density=args.density, num_tunable_weights=budget,
+                             target_modules=targets, regrowth=args.method.split("-")[1],
+                             reselection_steps=args.reselection_steps,
+                             accumulation_steps=min(args.accumulation_steps, args.reselection_steps),
+                             initial_reselection_rate=args.initial_reselection_rate, seed=args.seed)
+        return get_spiel_model(model, config)
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                lora_dropout=0.0, target_modules=targets,
+                                                task_type="CAUSAL_LM"))
+    if args.quantize:
+        raise ValueError("--method full cannot train a quantized base; drop --quantize or use spiel-ag/spiel-ma/lora")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def default_lr(method: str) -> float:
+    return {"spiel-ag": 2e-4, "spiel-ma": 2e-3, "lora": 2e-4, "full": 2e-5}[method]
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar, with loss and tokens/s shown on the bar instead of printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[float, int] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        postfix = {}
+        if "loss" in logs:
+            postfix["loss"] = f"{logs['loss']:.3f}"
+        if self._last is not None and now > self._last[0]:
+            postfix["tok/s"] = f"{(seen - self._last[1]) / (now - self._last[0]):.0f}"
+        if "eval_loss" in logs:
+            postfix["eval_loss"] = f"{logs['eval_loss']:.3f}"
+        self._last = (now, seen)
+        if postfix:
+            self.training_bar.set_postfix(postfix, refresh=True)
+
+
+def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Trainer:
+    eval_steps = args.eval_steps or max(1, steps // 10)
+    training_args = TrainingArguments(
+        output_dir=args.output, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr or default_lr(args.method), weight_decay=args.weight_decay,
+        num_train_epochs=args.epochs, max_steps=args.max_steps, lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else math.ceil(0.03 * steps),
+        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
+        save_steps=args.save_steps or eval_steps, save_total_limit=2, logging_steps=max(1, min(10, eval_steps)),
+        logging_first_step=True, seed=args.seed, data_seed=args.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, include_num_input_tokens_seen=True, remove_unused_columns=False,
+        label_names=["labels"], gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+    )
+    cls = SpielTrainer if isinstance(model, SpielModel) else Trainer
+    trainer = cls(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                  data_collator=CausalLMCollator.from_tokenizer(tokenizer), processing_class=tokenizer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    return trainer
+
+
+def planned_steps(args, num_sequences: int) -> int:
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    per_epoch = math.ceil(num_sequences / args.batch_size / args.grad_accum)
+    return max(1, math.ceil(per_epoch * args.epochs))
+
+
+def check_output(args) -> None:
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.resume and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty: pass --resume to continue that run, --overwrite to start afresh, or another --output")
+    if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint folder")
+    if args.resume == "latest" and not any(out.glob("checkpoint-*")):
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {out} to resume from")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# -- the recipe ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output(args)
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.dtype, args.quantize)
+    train_set, eval_set, eval_records, data_summary = prepare_data(args, tokenizer)
+    evaluation = dict(extractor=args.extractor or default_extractor(args.data),
+                      max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.data),
+                      max_length=args.max_length, batch_size=max(args.batch_size, 16),
+                      generate=not args.no_generate)
+    print(f"data: {data_summary['train_records']} training records -> {data_summary['train_sequences']} "
+          f"sequences; {data_summary['eval_records']} held-out records")
+    before = evaluate(model, tokenizer, eval_records, **evaluation)
+    print(f"before: held-out loss {before['loss']:.4f}" + (
+        f", exact match {100 * before['exact_match']:.1f}%" if "exact_match" in before else ""))
+
+    model = wrap_for_method(args, model)
+    if hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    steps = planned_steps(args, len(train_set))
+    trainer = build_trainer(args, model, tokenizer, train_set, eval_set, steps)
+    start = time.perf_counter()
+    resume = None if args.resume is None else (True if args.resume == "latest" else args.resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - start
+
+    output = Path(args.output)
+    trainer.save_model(str(output / "adapter" if args.method != "full" else output / "model"))
+    after = evaluate(model, tokenizer, eval_records, **evaluation)
+    print(f"after:  held-out loss {after['loss']:.4f}" + (
+        f", exact match {100 * after['exact_match']:.1f}%" if "exact_match" in after else ""))
+
+    history = trainer.state.log_history
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics = {
+        "method": args.method, "model": args.model or "SmolLM2-135M-Instruct (embedded)",
+        "data": args.data, **data_summary, "trainable_params": trainable, "steps": trainer.state.global_step,
+        "train_seconds": train_seconds, "train_loss": result.training_loss,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "before": {k: v for k, v in before.items() if k != "records"},
+        "after": {k: v for k, v in after.items() if k != "records"},
+        "args": {k: v for k, v in vars(args).items()}, "log_history": history,
+    }
+    write_json(output / "metrics.json", metrics)
+    write_json(output / "predictions.json", {"before": before.get("records", []), "after": after.get("records", [])})
+    plot_loss_curves(history, output / "loss_curves.png", title=f"{args.method} on {Path(str(args.data)).name}")
+    if isinstance(model, SpielModel):
+        plot_delta_distribution(model, output / "delta_distribution.png")
+    print(f"wrote {output}/: adapter/, metrics.json, predictions.json, loss_curves.png"
+          + (", delta_distribution.png" if isinstance(model, SpielModel) else ""))
+    return 0
+
