@@ -83,3 +83,16 @@ def test_sm3_momentum_buffer_remapped():
     buf = opt.state[delta.values]["momentum_buffer"].clone()
     opt.reindex(delta.values, torch.tensor([-1, 2, 1]))
     assert opt.state[delta.values]["momentum_buffer"].tolist() == [0.0, buf[2].item(), buf[1].item()]
+
+
+def test_state_dict_round_trip_keeps_float32_state_for_bf16_deltas():
+    p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = SparseAdamW([p], lr=1e-3)
+    p.grad = torch.tensor([1e-3, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = SparseAdamW([p], lr=1e-3)
+    fresh.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert fresh.state[p][key].dtype == torch.float32
+        assert torch.equal(fresh.state[p][key], opt.state[p][key])

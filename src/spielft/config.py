@@ -21,7 +21,9 @@ class SpielConfig:
             Overrides `density` when set.
         target_modules: Which modules get deltas: a list of module-name suffixes (``"q_proj"``
             matches ``model.layers.0.self_attn.q_proj``) or a regular expression matched
-            against the full name. ``None`` targets every ``nn.Linear`` except the output head.
+            against the full name. ``None`` targets every supported linear layer (``nn.Linear``,
+            bitsandbytes 4-bit/8-bit, transformers' ``Conv1D``) except the output head;
+            embeddings are only targeted when named.
         exclude_modules: Module-name suffixes never targeted (the output head by default).
         regrowth: How dropped indices are replaced: ``"ag"`` (accumulated gradients, trained
             with SparseAdamW) or ``"ma"`` (momentum approximation from SM3's row and column

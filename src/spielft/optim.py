@@ -32,14 +32,20 @@ def _write(param: Tensor, update_fp32: Tensor) -> None:
 
 
 class _KeepStateDtype:
-    """Keep our state's dtypes on `load_state_dict` (torch casts floats to the param dtype).
+    """Keep our state's dtypes on `load_state_dict`.
 
-    Our state is float32 (or uint8 codes + float32 scales) on purpose, even for bf16 deltas.
+    torch casts loaded floating-point state to the parameter's dtype; ours is float32 (or uint8
+    codes with float32 scales) on purpose, even for bf16 deltas, so put the saved tensors back.
     """
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        params = [p for group in self.param_groups for p in group["params"]]  # type: ignore[attr-defined]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for param, saved_id in zip(params, saved_ids, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[param][key] = value.to(param.device, copy=True)  # type: ignore[attr-defined]
 
 
 class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):

@@ -549,7 +549,7 @@ class SpielTrainerMixin:
     * logs the selection statistics through ``Trainer.log``;
     * takes label names and dataset columns from the wrapped transformers model.
 
-    Not supported: DeepSpeed and FSDP (their checkpoints bypass these hooks).
+    DeepSpeed and FSDP are refused when training starts (`spielft.distributed`); use DDP.
     """
 
     def __init__(self, *args: Any, sm3_momentum: float | None = None, **kwargs: Any) -> None:

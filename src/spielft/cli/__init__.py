@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes suggests an optional hub-downloaded CPU kernel on every import: not for us.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     try:

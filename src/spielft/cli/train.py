@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
@@ -153,21 +154,20 @@ class ProgressBar(ProgressCallback):
     def __init__(self) -> None:
         super().__init__()
         self._last: tuple[float, int] | None = None
+        self.postfix: dict[str, str] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
-        now, seen = time.perf_counter(), state.num_input_tokens_seen
-        postfix = {}
-        if "loss" in logs:
-            postfix["loss"] = f"{logs['loss']:.3f}"
-        if self._last is not None and now > self._last[0]:
-            postfix["tok/s"] = f"{(seen - self._last[1]) / (now - self._last[0]):.0f}"
+        if "loss" in logs:  # a training log: update loss and throughput since the last one
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            self.postfix["loss"] = f"{logs['loss']:.3f}"
+            if self._last is not None and now > self._last[0]:
+                self.postfix["tok/s"] = f"{(seen - self._last[1]) / (now - self._last[0]):.0f}"
+            self._last = (now, seen)
         if "eval_loss" in logs:
-            postfix["eval_loss"] = f"{logs['eval_loss']:.3f}"
-        self._last = (now, seen)
-        if postfix:
-            self.training_bar.set_postfix(postfix, refresh=True)
+            self.postfix["eval_loss"] = f"{logs['eval_loss']:.3f}"
+        self.training_bar.set_postfix(self.postfix, refresh=True)
 
 
 def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Trainer:
@@ -182,9 +182,10 @@ def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Tr
         save_steps=args.save_steps or eval_steps, save_total_limit=2, logging_steps=max(1, min(10, eval_steps)),
         logging_first_step=True, seed=args.seed, data_seed=args.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, include_num_input_tokens_seen=True, remove_unused_columns=False,
-        label_names=["labels"], gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        label_names=["labels"],
     )
+    if args.gradient_checkpointing:  # non-reentrant: the same gradients, inputs need no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cls = SpielTrainer if isinstance(model, SpielModel) else Trainer
     trainer = cls(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                   data_collator=CausalLMCollator.from_tokenizer(tokenizer), processing_class=tokenizer)
@@ -220,6 +221,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; under torchrun/accelerate every rank trains, the main process evaluates and writes."""
+    main_process = PartialState().is_main_process
     check_output(args)
     if args.lr is not None and args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
@@ -230,14 +233,15 @@ def run(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.data),
                       max_length=args.max_length, batch_size=max(args.batch_size, 16),
                       generate=not args.no_generate)
-    print(f"data: {data_summary['train_records']} training records -> {data_summary['train_sequences']} "
-          f"sequences; {data_summary['eval_records']} held-out records")
-    before = evaluate(model, tokenizer, eval_records, **evaluation)
-    print(f"before: held-out loss {before['loss']:.4f}" + (
-        f", exact match {100 * before['exact_match']:.1f}%" if "exact_match" in before else ""))
+    before = None
+    if main_process:
+        print(f"data: {data_summary['train_records']} training records -> "
+              f"{data_summary['train_sequences']} sequences; {data_summary['eval_records']} held-out records")
+        before = evaluate(model, tokenizer, eval_records, **evaluation)
+        print("before: " + _describe(before))
 
     model = wrap_for_method(args, model)
-    if hasattr(model, "print_trainable_parameters"):
+    if main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     steps = planned_steps(args, len(train_set))
     trainer = build_trainer(args, model, tokenizer, train_set, eval_set, steps)
@@ -247,28 +251,40 @@ def run(args: argparse.Namespace) -> int:
     train_seconds = time.perf_counter() - start
 
     output = Path(args.output)
-    trainer.save_model(str(output / "adapter" if args.method != "full" else output / "model"))
+    trainer.save_model(str(output / ("model" if args.method == "full" else "adapter")))
+    if not main_process:
+        return 0
     after = evaluate(model, tokenizer, eval_records, **evaluation)
-    print(f"after:  held-out loss {after['loss']:.4f}" + (
-        f", exact match {100 * after['exact_match']:.1f}%" if "exact_match" in after else ""))
-
+    print("after:  " + _describe(after))
     history = trainer.state.log_history
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = {
         "method": args.method, "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "data": args.data, **data_summary, "trainable_params": trainable, "steps": trainer.state.global_step,
-        "train_seconds": train_seconds, "train_loss": result.training_loss,
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "before": {k: v for k, v in before.items() if k != "records"},
-        "after": {k: v for k, v in after.items() if k != "records"},
-        "args": {k: v for k, v in vars(args).items()}, "log_history": history,
+        "data": args.data, **data_summary,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "steps": trainer.state.global_step, "train_seconds": train_seconds,
+        "train_loss": result.training_loss, "tokens_seen": trainer.state.num_input_tokens_seen,
+        "before": _summary(before), "after": _summary(after), "args": vars(args),
+        "log_history": history,
     }
     write_json(output / "metrics.json", metrics)
-    write_json(output / "predictions.json", {"before": before.get("records", []), "after": after.get("records", [])})
+    write_json(output / "predictions.json",
+               {"before": before.get("records", []), "after": after.get("records", [])})
     plot_loss_curves(history, output / "loss_curves.png", title=f"{args.method} on {Path(str(args.data)).name}")
+    pictures = "loss_curves.png"
     if isinstance(model, SpielModel):
         plot_delta_distribution(model, output / "delta_distribution.png")
-    print(f"wrote {output}/: adapter/, metrics.json, predictions.json, loss_curves.png"
-          + (", delta_distribution.png" if isinstance(model, SpielModel) else ""))
+        pictures += ", delta_distribution.png"
+    print(f"wrote {output}/: {'model' if args.method == 'full' else 'adapter'}/, metrics.json, "
+          f"predictions.json, {pictures}")
     return 0
 
+
+def _summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "records"}
+
+
+def _describe(metrics: dict) -> str:
+    text = f"held-out loss {metrics['loss']:.4f}"
+    if "exact_match" in metrics:
+        text += f", exact match {100 * metrics['exact_match']:.1f}% ({metrics['examples']} examples)"
+    return text

@@ -1,0 +1,128 @@
+"""The ``spielft`` command line end to end on a tiny local model and tiny JSONL files."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from spielft.cli import main
+
+ANSWERS = {"red": "blue", "one": "two", "cat": "dog", "sun": "moon"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [{"question": f"Say the pair of {k}.", "answer": v} for k, v in ANSWERS.items()] * 6
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _train(tmp_path, model_dir, data, *extra):
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--data", str(data), "--fields", "question,answer",
+                 "--output", str(out), "--max-steps", "6", "--batch-size", "4", "--eval-steps", "3",
+                 "--val-size", "4", "--eval-examples", "4", "--max-new-tokens", "4",
+                 "--reselection-steps", "2", "--accumulation-steps", "1", "--lr", "1e-2", *extra])
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma", "lora"])
+def test_train_writes_adapter_metrics_and_pictures(tmp_path, tiny_model_dir, tiny_data, method):
+    out = _train(tmp_path, tiny_model_dir, tiny_data, "--method", method)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["steps"] == 6
+    assert metrics["train_records"] == 20 and metrics["eval_records"] == 4
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert 0.0 <= metrics["after"]["exact_match"] <= 1.0
+    assert any("eval_loss" in row for row in metrics["log_history"])
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    for picture in ["loss_curves.png"] + (["delta_distribution.png"] if method != "lora" else []):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if method.startswith("spiel"):
+        saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert metrics["trainable_params"] == sum(m["num_deltas"] for m in saved["modules"].values())
+
+
+def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: spiel-ag\ndensity: 0.2\nmax_steps: 6\nlr: 0.01\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--model", str(tiny_model_dir), "--data", str(tiny_data),
+                 "--fields", "question,answer", "--output", str(out), "--batch-size", "4",
+                 "--val-size", "4", "--eval-examples", "4", "--max-new-tokens", "4", "--no-generate"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["density"] == 0.2 and metrics["steps"] == 6
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
+                 "--data", str(tiny_data), "--fields", "question,answer", "--max-examples", "4",
+                 "--max-new-tokens", "4", "--output", str(report)]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["examples"] == 4 and "exact_match" in evaluated
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
+                 "--output", str(merged)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    from spielft import SpielModel
+
+    adapted = SpielModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    ids = torch.arange(10).view(1, 10)
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, adapted(input_ids=ids).logits)
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
+                 "--output", str(merged)]) == 2  # refuses to overwrite
+    assert "exists and is not empty" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
+                 "--prompt", "Say the pair of red.", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, tiny_data):
+    out = _train(tmp_path, tiny_model_dir, tiny_data)
+    assert (out / "checkpoint-6").is_dir()
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields",
+                 "question,answer", "--output", str(out), "--max-steps", "9", "--batch-size", "4",
+                 "--val-size", "4", "--eval-examples", "4", "--no-generate", "--resume",
+                 "--reselection-steps", "2", "--accumulation-steps", "1", "--lr", "1e-2"])
+    assert code == 0
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    steps = [row["step"] for row in history if "loss" in row]
+    # The history holds the first run's logs and then steps 7..9: continued, not restarted.
+    assert len(steps) == len(set(steps)) and max(steps) == 9
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 9
+
+
+def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n')
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--fields",
+                 "question,answer", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err
+    assert not out.exists() or not any(out.iterdir())
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("previous run")
+    assert main(["train", "--model", str(tiny_model_dir), "--output", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "previous run"
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rate: 0.1\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
