@@ -163,7 +163,7 @@ def time_methods(args: argparse.Namespace, density_budget: int | None = None) ->
                                   "state_bytes_per_param": m.state_bytes_per_param(),
                                   "all_step_seconds": timed}
     ref = out["methods"]
-    for name, row in ref.items():
+    for row in ref.values():
         if "lora" in ref:
             row["ratio_to_lora"] = row["step_seconds"] / ref["lora"]["step_seconds"]
         if "floor" in ref:

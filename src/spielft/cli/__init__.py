@@ -10,7 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from . import evaluate, generate, merge, train
+# bitsandbytes (imported by peft/transformers below) suggests an optional CPU kernel that it
+# would download from the hub, on every import: not for an offline tool.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from . import evaluate, generate, merge, train  # noqa: E402
 
 COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge}
 
@@ -53,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes suggests an optional hub-downloaded CPU kernel on every import: not for us.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -33,33 +33,37 @@ def plot_loss_curves(log_history: list[dict], path: Path, title: str = "") -> No
     plt.close(fig)
 
 
-def delta_shares(model: SpielModel) -> tuple[dict[int, float], dict[str, float]]:
-    """Share of the trained |delta| mass by layer index and by matrix type."""
-    by_layer: Counter = Counter()
-    by_type: Counter = Counter()
+def delta_magnitudes(model: SpielModel) -> tuple[dict[int, float], dict[str, float]]:
+    """Mean |delta| by layer index and by matrix type: where training moved the weights most.
+
+    (Each matrix's *number* of deltas is fixed by its size; how far they moved is what
+    training decided.)
+    """
+    sums: dict[str, Counter] = {"layer": Counter(), "type": Counter()}
+    counts: dict[str, Counter] = {"layer": Counter(), "type": Counter()}
     for name, delta in model.sparse_deltas().items():
-        mass = float(delta.values.detach().float().abs().sum())
+        values = delta.values.detach().float().abs()
         match = re.search(r"\.(\d+)\.", name)
-        by_layer[int(match.group(1)) if match else -1] += mass
-        by_type[name.rsplit(".", 1)[-1]] += mass
-    total = sum(by_layer.values()) or 1.0
-    return ({k: v / total for k, v in sorted(by_layer.items())},
-            {k: v / total for k, v in sorted(by_type.items())})
+        for kind, key in (("layer", int(match.group(1)) if match else -1), ("type", name.rsplit(".", 1)[-1])):
+            sums[kind][key] += float(values.sum())
+            counts[kind][key] += values.numel()
+    layer, kind = ({k: sums[g][k] / max(counts[g][k], 1) for k in sorted(sums[g])} for g in ("layer", "type"))
+    return layer, kind
 
 
 def plot_delta_distribution(model: SpielModel, path: Path) -> None:
-    """Two bar charts: share of |delta| per layer and per matrix type (q, k, v, o, gate, ...)."""
-    by_layer, by_type = delta_shares(model)
+    """Two bar charts: mean |delta| per layer and per matrix type (q, k, v, o, gate, ...)."""
+    by_layer, by_type = delta_magnitudes(model)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120,
                                       gridspec_kw={"width_ratios": [2, 1]})
     left.bar([str(k) for k in by_layer], list(by_layer.values()), color="tab:green")
     left.set_xlabel("layer")
-    left.set_ylabel("share of total |delta|")
+    left.set_ylabel("mean |delta|")
     left.tick_params(axis="x", labelsize=7)
     right.bar(list(by_type), list(by_type.values()), color="tab:purple")
     right.set_xlabel("matrix")
     right.tick_params(axis="x", rotation=45)
-    fig.suptitle("Where the sparse deltas went (after training)")
+    fig.suptitle("Where training moved the weights: mean |delta| of the trained sparse deltas")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
