@@ -15,7 +15,6 @@ Results go to bench/results/*.json.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import resource
@@ -52,7 +51,14 @@ def load_base(args: argparse.Namespace) -> nn.Module:
         return LlamaForCausalLM(cfg)
     from spielft.default_model import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(None if args.model == "default" else args.model)
+    quantization = None
+    if getattr(args, "quantize", None):
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quantize,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model, _ = load_model_and_tokenizer(None if args.model == "default" else args.model,
+                                        quantization_config=quantization)
     return model
 
 
@@ -67,10 +73,11 @@ def lora_param_count(model: nn.Module, rank: int) -> int:
 class Method:
     """One training configuration: a model, its optimizer and (for SpIEL) its selector."""
 
-    def __init__(self, name: str, args: argparse.Namespace, budget: int, total_steps: int):
+    def __init__(self, name: str, args: argparse.Namespace, budget: int | None, total_steps: int):
         self.name = name
         self.selector = None
         model = load_base(args)
+        budget = budget or lora_param_count(model, args.rank)
         if name == "floor":
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -183,21 +190,23 @@ def peak_memory(args: argparse.Namespace, method: str) -> float:
 
 
 def memory_child(args: argparse.Namespace) -> None:
-    probe = load_base(args)
-    budget = args.budget or lora_param_count(probe, args.rank)
-    vocab = probe.config.vocab_size
-    del probe
-    gc.collect()
-    m = Method(args.memory, args, budget, total_steps=1000)
+    """A few training steps of one method; prints a JSON summary, then the peak RSS in MiB."""
+    m = Method(args.memory, args, args.budget, total_steps=1000)
     # Use a short cycle so the steps below include an AG window and an update.
     if m.selector is not None:
         m.selector.config.reselection_steps = 3
         m.selector.config.accumulation_steps = 2
         m.selector._arm()
+    vocab = m.model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     for _ in range(4):
         m.step(batch)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"method": args.memory, "quantize": getattr(args, "quantize", None),
+                      "trainable_params": m.trainable(), "peak_rss_mib": rss,
+                      "state_bytes_per_param": m.state_bytes_per_param(),
+                      "median_step_seconds": statistics.median(m.times[1:])}))
+    print(rss)
 
 
 def main() -> None:
@@ -216,6 +225,8 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
     parser.add_argument("--memory", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
+                        help="load the base in 4 bits (bitsandbytes) for the --memory runs")
     parser.add_argument("--output", default=None, help="result file (default: bench/results/...)")
     args = parser.parse_args()
     if args.memory:
