@@ -209,8 +209,7 @@ class SpielLayer(nn.Module):
 class SpielLinear(SpielLayer):
     """``nn.Linear`` with sparse deltas: ``x @ (W + delta).T + b``."""
 
-    def __init__(self, base_layer: nn.Linear) -> None:
-        super().__init__(base_layer)
+    transposed = False  # True where the stored weight is (in, out), as in Conv1D
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -225,38 +224,19 @@ class SpielLinear(SpielLayer):
             return self.base_layer(x)
         indices, values, captures = combined
         return sparse_delta_linear(
-            x, self.weight_source(), self.base_layer.bias, indices, values, captures
+            x, self.weight_source(), self.base_layer.bias, indices, values, captures,
+            transposed=self.transposed,
         )
 
 
-class SpielConv1D(SpielLayer):
+class SpielConv1D(SpielLinear):
     """transformers' ``Conv1D`` (GPT-2) with sparse deltas: ``x @ (W + delta) + b``.
 
     ``Conv1D`` stores its weight transposed, (in, out). The flat indices address that stored
     layout row-major (``weight_shape`` is (in, out)), so merging writes straight into it.
     """
 
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        return tuple(self.base_layer.weight.shape)  # type: ignore[return-value]
-
-    def weight_source(self) -> WeightSource:
-        return self.base_layer.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        combined = self.combined_delta()
-        if combined is None:
-            return self.base_layer(x)
-        indices, values, captures = combined
-        return sparse_delta_linear(
-            x,
-            self.weight_source(),
-            self.base_layer.bias,
-            indices,
-            values,
-            captures,
-            transposed=True,
-        )
+    transposed = True
 
 
 class SpielEmbedding(SpielLayer):

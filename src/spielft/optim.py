@@ -70,6 +70,16 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
             raise ValueError(f"SparseAdamW betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    # How the moments are kept: float32 tensors here; SparseAdamW8bit overrides these two.
+    def _load_moments(self, state: dict, param: Tensor) -> tuple[Tensor, Tensor]:
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Nothing to do: the float32 moments were updated in place."""
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -84,23 +94,18 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
                     continue
                 grad = p.grad.float()
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
+                exp_avg, exp_avg_sq = self._load_moments(state, p)
+                state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
                 step = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias1 = 1 - beta1**step
-                bias2 = 1 - beta2**step
-                denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
+                denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
                 value = p.float()
                 if wd:
                     value.mul_(1 - lr * wd)
-                value.addcdiv_(exp_avg, denom, value=-lr / bias1)
+                value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
                 _write(p, value)
+                self._store_moments(state, exp_avg, exp_avg_sq)
         return loss
 
     @torch.no_grad()
@@ -300,42 +305,16 @@ class SparseAdamW8bit(SparseAdamW):
             return None
         return {key: self._load(state, key, signed) for key, signed in self._MOMENTS}
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    exp_avg = torch.zeros_like(p, dtype=torch.float32)
-                    exp_avg_sq = torch.zeros_like(p, dtype=torch.float32)
-                else:
-                    exp_avg = self._load(state, "exp_avg", True).view_as(p)
-                    exp_avg_sq = self._load(state, "exp_avg_sq", False).view_as(p)
-                state["step"] += 1
-                step = state["step"].item()
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias1 = 1 - beta1**step
-                bias2 = 1 - beta2**step
-                denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
-                value = p.float()
-                if wd:
-                    value.mul_(1 - lr * wd)
-                value.addcdiv_(exp_avg, denom, value=-lr / bias1)
-                _write(p, value)
-                self._store(state, "exp_avg", exp_avg, True)
-                self._store(state, "exp_avg_sq", exp_avg_sq, False)
-        return loss
+    def _load_moments(self, state: dict, param: Tensor) -> tuple[Tensor, Tensor]:
+        if not state:
+            return (torch.zeros_like(param, dtype=torch.float32),
+                    torch.zeros_like(param, dtype=torch.float32))
+        return (self._load(state, "exp_avg", True).view_as(param),
+                self._load(state, "exp_avg_sq", False).view_as(param))
+
+    def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        self._store(state, "exp_avg", exp_avg, True)
+        self._store(state, "exp_avg_sq", exp_avg_sq, False)
 
     @torch.no_grad()
     def reindex(
