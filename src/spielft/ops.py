@@ -50,20 +50,22 @@ def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) ->
     exactly on exit. A callable ``weight`` (e.g. a dequantizer) returns a fresh dense tensor,
     which is patched and simply dropped afterwards; the quantized storage is never touched.
     """
+    # index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU for large k.
+    idx = indices.long()
     with torch.no_grad():
         if callable(weight):
             dense = weight()
             flat = dense.view(-1)
-            flat[indices] = merged_values(flat[indices], values)
+            flat.scatter_(0, idx, merged_values(flat.index_select(0, idx), values))
             yield dense
             return
         flat = weight.view(-1)
-        saved = flat[indices]
-        flat[indices] = merged_values(saved, values)
+        saved = flat.index_select(0, idx)
+        flat.scatter_(0, idx, merged_values(saved, values))
         try:
             yield weight
         finally:
-            flat[indices] = saved
+            flat.scatter_(0, idx, saved)
 
 
 def sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -80,7 +82,7 @@ def sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) 
     g = grad_out.to(dtype)
     xx = x.to(dtype)
     if k >= DENSE_SDDMM_DENSITY * out_features * in_features:
-        return (g.T @ xx).view(-1)[indices]
+        return (g.T @ xx).view(-1).index_select(0, indices.long())
     idx = indices.long()
     boundaries = torch.arange(out_features + 1, device=idx.device, dtype=torch.long) * in_features
     crow = torch.searchsorted(idx, boundaries)
@@ -147,7 +149,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
                 dense = left.float().T @ right.float()
                 for capture in ctx.captures:
                     capture(dense)
-                grad_values = dense.view(-1)[indices]
+                grad_values = dense.view(-1).index_select(0, indices)
             else:
                 stored = (in_features, out_features) if ctx.transposed else ctx.shape
                 grad_values = sddmm(left, right, indices, stored)

@@ -185,7 +185,7 @@ class SM3(_KeepStateDtype, torch.optim.Optimizer):
                     in_features = delta.shape[1]
                     rows, cols = idx // in_features, idx % in_features
                     row_acc, col_acc = state["row_acc"], state["col_acc"]
-                    nu = torch.minimum(row_acc[rows], col_acc[cols]).addcmul_(grad, grad)
+                    nu = torch.minimum(row_acc.index_select(0, rows), col_acc.index_select(0, cols)).addcmul_(grad, grad)
                     row_acc.scatter_reduce_(0, rows, nu, "amax", include_self=False)
                     col_acc.scatter_reduce_(0, cols, nu, "amax", include_self=False)
                 else:
