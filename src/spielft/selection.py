@@ -107,12 +107,12 @@ class GradientAccumulator:
                 # global-batch gradient (identical on every rank, so the candidates are too).
                 ranking = distributed.all_reduce_mean_(flat.clone(), self.group).abs_()
             if self.exclude_active:
-                ranking[self.delta.indices.long()] = float("-inf")
+                ranking.index_fill_(0, self.delta.indices.long(), float("-inf"))
             self.candidates = _masked_topk(ranking, self.num_candidates).sort().values
             self.grad_sum = torch.zeros(
                 self.candidates.numel(), dtype=torch.float32, device=flat.device
             )
-        self.grad_sum += flat[self.candidates].float()
+        self.grad_sum += flat.index_select(0, self.candidates).float()
         self.count += 1
 
     def state_dict(self) -> dict[str, Any]:
