@@ -126,3 +126,47 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, tiny_model
     config.write_text("learning_rate: 0.1\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+
+
+def test_train_on_a_4bit_base(tmp_path, tiny_model_dir, tiny_data):
+    out = _train(tmp_path, tiny_model_dir, tiny_data, "--quantize", "nf4", "--no-generate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert metrics["args"]["quantize"] == "nf4"
+    # The adapter reloads onto a 4-bit base and can be merged by dequantizing.
+    from spielft.cli.common import apply_adapter, load_model
+
+    model, _ = load_model(str(tiny_model_dir), quantize="nf4")
+    adapted = apply_adapter(model, str(out / "adapter"))
+    assert type(adapted.base_model.model.layers[0].mlp.up_proj).__name__ == "SpielLinear4bit"
+
+
+def test_train_refuses_full_fine_tuning_of_a_quantized_base(tmp_path, tiny_model_dir, tiny_data, capsys):
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields",
+                 "question,answer", "--output", str(tmp_path / "run"), "--method", "full",
+                 "--quantize", "nf4"])
+    assert code == 2 and "cannot train a quantized base" in capsys.readouterr().err
+
+
+def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_data):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(port), "-m", "spielft.cli", "train", "--model",
+           str(tiny_model_dir), "--data", str(tiny_data), "--fields", "question,answer", "--output",
+           str(out), "--max-steps", "4", "--batch-size", "2", "--val-size", "4", "--eval-examples", "4",
+           "--reselection-steps", "2", "--accumulation-steps", "1", "--no-generate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert proc.stdout.count("after:") == 1  # only the main process evaluates and writes

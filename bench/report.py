@@ -1,0 +1,90 @@
+"""Markdown tables and plots from bench/results/*.json (what the README shows).
+
+    python bench/report.py        # prints the tables, writes bench/results/speed_density.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+NAMES = {"floor": "floor (no weight gradient)", "lora": "peft LoRA", "shira": "peft SHiRA",
+         "full": "full fine-tuning (AdamW)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA"}
+
+
+def speed_tables(result: dict) -> str:
+    rows = result["at_lora_budget"]["methods"]
+    lines = [f"{result['model']}, batch {result['batch'][0]} x {result['batch'][1]}, "
+             f"{result['at_lora_budget']['budget']:,} trainable parameters (LoRA r={result['rank']}'s count); "
+             f"`{result['command']}`", "",
+             "| method | step (s) | x LoRA | x floor | peak RSS (MiB) | state B/param |",
+             "|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        rss = f"{row['peak_rss_mib']:.0f}" if "peak_rss_mib" in row else "-"
+        lines.append(f"| {NAMES.get(name, name)} | {row['step_seconds']:.2f} | {row.get('ratio_to_lora', 0):.2f} | "
+                     f"{row.get('ratio_to_floor', 0):.2f} | {rss} | {row['state_bytes_per_param']:.1f} |")
+    if "by_density" in result:
+        lines += ["", "| density | budget | floor (s) | LoRA (s) | SpIEL-AG (s) | SpIEL-MA (s) | MA x floor | MA x LoRA | AG x LoRA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for density, block in result["by_density"].items():
+            m = block["methods"]
+            lines.append(
+                f"| {100 * float(density):g}% | {block['budget']:,} | {m['floor']['step_seconds']:.2f} | "
+                f"{m['lora']['step_seconds']:.2f} | {m['spiel-ag']['step_seconds']:.2f} | "
+                f"{m['spiel-ma']['step_seconds']:.2f} | {m['spiel-ma']['ratio_to_floor']:.2f} | "
+                f"{m['spiel-ma']['ratio_to_lora']:.2f} | {m['spiel-ag']['ratio_to_lora']:.2f} |")
+    return "\n".join(lines)
+
+
+def density_plot(results: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for result in results:
+        if "by_density" not in result:
+            continue
+        densities = sorted(result["by_density"], key=float)
+        for method, style in (("floor", "k--"), ("lora", "s-"), ("spiel-ag", "o-"), ("spiel-ma", "^-")):
+            ys = [result["by_density"][d]["methods"][method]["step_seconds"] for d in densities]
+            label = f"{NAMES[method]} ({result['model']})" if len(results) > 1 else NAMES[method]
+            ax.plot([100 * float(d) for d in densities], ys, style, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable share of the targeted weights (%)  [LoRA: same parameter count]")
+    ax.set_ylabel("step time (s)")
+    ax.set_title("Step time against density")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    speed = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("speed_*.json"))]
+    for result in speed:
+        print(speed_tables(result), "\n")
+    if speed:
+        density_plot(speed, RESULTS / "speed_density.png")
+    memory = RESULTS / "memory.json"
+    if memory.exists():
+        data = json.loads(memory.read_text())
+        print(f"`{data['command']}`\n\n| base | method | trainable params | peak RSS (MiB) | state B/param |\n|---|---|---|---|---|")
+        for row in data["rows"]:
+            print(f"| {row['base']} | {NAMES.get(row['method'], row['method'])} | {row['trainable_params']:,} | "
+                  f"{row['peak_rss_mib']:.0f} | {row['state_bytes_per_param']:.1f} |")
+        print()
+    size = RESULTS / "adapter_size.json"
+    if size.exists():
+        data = json.loads(size.read_text())
+        print(f"`{data['command']}`\n\n| adapter | trainable params | file (MB) | bytes/param | x LoRA |\n|---|---|---|---|---|")
+        for name, row in data["rows"].items():
+            print(f"| {name} | {row['params']:,} | {row['bytes'] / 1e6:.2f} | {row['bytes_per_param']:.2f} | "
+                  f"{row['ratio_to_lora']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
