@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = {"floor": "floor (no weight gradient)", "lora": "peft LoRA", "shira": "peft SHiRA",
