@@ -189,6 +189,17 @@ def peak_memory(args: argparse.Namespace, method: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS. Not ru_maxrss: on Linux that includes the RSS the parent
+    had when it forked us, so children of a big parent all report the parent's size."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_child(args: argparse.Namespace) -> None:
     """A few training steps of one method; prints a JSON summary, then the peak RSS in MiB."""
     m = Method(args.memory, args, args.budget, total_steps=1000)
@@ -201,7 +212,7 @@ def memory_child(args: argparse.Namespace) -> None:
     batch = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     for _ in range(4):
         m.step(batch)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mib()
     print(json.dumps({"method": args.memory, "quantize": getattr(args, "quantize", None),
                       "trainable_params": m.trainable(), "peak_rss_mib": rss,
                       "state_bytes_per_param": m.state_bytes_per_param(),
@@ -223,6 +234,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
+    parser.add_argument("--memory-only", metavar="RESULT_JSON", default=None,
+                        help="only (re)measure peak RSS per method and update that result file")
     parser.add_argument("--memory", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
@@ -232,7 +245,14 @@ def main() -> None:
     if args.memory:
         memory_child(args)
         return
-    torch.set_num_threads(torch.get_num_threads())
+    if args.memory_only:
+        path = Path(args.memory_only)
+        result = json.loads(path.read_text())
+        for name, row in result["at_lora_budget"]["methods"].items():
+            row["peak_rss_mib"] = peak_memory(args, name)
+            print(f"{name}: peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),

@@ -167,6 +167,6 @@ def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_data)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4
+    assert metrics["steps"] == 4 and metrics["world_size"] == 2  # really data-parallel
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert proc.stdout.count("after:") == 1  # only the main process evaluates and writes

@@ -149,16 +149,25 @@ class SpielModel(nn.Module):
     active adapter's deltas are trainable.
     """
 
+    # transformers' Trainer refuses to train a quantized model unless trainable adapters are
+    # attached, which it reads from this flag: a SpielModel always has them.
+    _hf_peft_config_loaded = True
+
     def __init__(
-        self, model: nn.Module, config: SpielConfig, adapter_name: str = "default"
+        self,
+        model: nn.Module,
+        config: SpielConfig,
+        adapter_name: str = "default",
+        state: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> None:
+        """``state`` (module -> (indices, values)) restores a saved adapter instead of random indices."""
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, SpielConfig] = {}
         self.active_adapters: list[str] = []
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, state=state)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -510,15 +519,7 @@ class SpielModel(nn.Module):
     ) -> SpielModel:
         """Wrap ``model`` with the adapter saved in ``adapter_dir``."""
         config, state = read_adapter(adapter_dir, model)
-        spiel = cls.__new__(cls)
-        nn.Module.__init__(spiel)
-        spiel.base_model = model
-        spiel.peft_config = {}
-        spiel.active_adapters = []
-        for param in model.parameters():
-            param.requires_grad_(False)
-        spiel.add_adapter(adapter_name, config, state=state)
-        spiel.set_adapter(adapter_name)
+        spiel = cls(model, config, adapter_name, state=state)
         if not is_trainable:
             for delta in spiel.sparse_deltas(adapter_name).values():
                 delta.values.requires_grad_(False)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
@@ -226,7 +226,9 @@ DEMO_STEPS = 120  # measured: 0% -> 96% exact match on the demo task, under 8 mi
 
 def run(args: argparse.Namespace) -> int:
     """Train; under torchrun/accelerate every rank trains, the main process evaluates and writes."""
-    main_process = PartialState().is_main_process
+    # Not accelerate's PartialState here: created before the Trainer's, it would pin the
+    # (CPU) run to a single process. torchrun and accelerate launch both set RANK.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     if args.max_steps is None:
         args.max_steps = DEMO_STEPS if args.data == DEMO else -1
     check_output(args)
@@ -267,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method, "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "data": args.data, **data_summary,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "steps": trainer.state.global_step, "train_seconds": train_seconds,
+        "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+        "train_seconds": train_seconds,
         "train_loss": result.training_loss, "tokens_seen": trainer.state.num_input_tokens_seen,
         "before": _summary(before), "after": _summary(after), "args": vars(args),
         "log_history": history,
