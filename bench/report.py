@@ -48,14 +48,19 @@ def density_plot(results: list[dict], path: Path) -> None:
         if "by_density" not in result:
             continue
         densities = sorted(result["by_density"], key=float)
+        first = densities[0]
+        targeted = result["by_density"][first]["budget"] / float(first)
+        main = result["at_lora_budget"]
+        xs = [100 * float(d) for d in densities] + [100 * main["budget"] / targeted]
         for method, style in (("floor", "k--"), ("lora", "s-"), ("spiel-ag", "o-"), ("spiel-ma", "^-")):
             ys = [result["by_density"][d]["methods"][method]["step_seconds"] for d in densities]
+            ys.append(main["methods"][method]["step_seconds"])
             label = f"{NAMES[method]} ({result['model']})" if len(results) > 1 else NAMES[method]
-            ax.plot([100 * float(d) for d in densities], ys, style, label=label)
+            ax.plot(xs, ys, style, label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable share of the targeted weights (%)  [LoRA: same parameter count]")
+    ax.set_xlabel("SpIEL density: trainable share of the targeted weights (%)")
     ax.set_ylabel("step time (s)")
-    ax.set_title("Step time against density")
+    ax.set_title("Step time against SpIEL density (LoRA: r=64 throughout)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
