@@ -78,7 +78,7 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        """Nothing to do: the float32 moments were updated in place."""
+        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -116,8 +116,12 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
         if not state:
             return
         init = init or {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = _remap(state[key], source, init.get(key))
+        exp_avg, exp_avg_sq = self._load_moments(state, param)
+        self._store_moments(
+            state,
+            _remap(exp_avg, source, init.get("exp_avg")),
+            _remap(exp_avg_sq, source, init.get("exp_avg_sq")),
+        )
 
 
 class SM3(_KeepStateDtype, torch.optim.Optimizer):
@@ -315,15 +319,3 @@ class SparseAdamW8bit(SparseAdamW):
     def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
         self._store(state, "exp_avg", exp_avg, True)
         self._store(state, "exp_avg_sq", exp_avg_sq, False)
-
-    @torch.no_grad()
-    def reindex(
-        self, param: Tensor, source: Tensor, init: Mapping[str, Tensor] | None = None
-    ) -> None:
-        state = self.state.get(param)
-        if not state:
-            return
-        init = init or {}
-        for key, signed in self._MOMENTS:
-            remapped = _remap(self._load(state, key, signed), source, init.get(key))
-            self._store(state, key, remapped, signed)

@@ -150,7 +150,13 @@ def default_lr(method: str) -> float:
 
 
 class ProgressBar(ProgressCallback):
-    """The Trainer's progress bar, with loss and tokens/s shown on the bar instead of printed."""
+    """The Trainer's progress bar, with loss and tokens/s shown on the bar instead of printed.
+
+    Held-out evaluations show their loss on the bar too, instead of a bar of their own.
+    """
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        return
 
     def __init__(self) -> None:
         super().__init__()
