@@ -61,3 +61,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_llama(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return make_tiny_llama(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: one thread avoids OpenMP thrashing on a busy 2-core machine (bitsandbytes'
+    CPU kernels share torch's pool: a 64x128 dequantize took 15 ms with 2 threads, 20 us with 1).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

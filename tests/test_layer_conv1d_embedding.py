@@ -13,14 +13,7 @@ from spielft.layer import SparseDelta, SpielConv1D, SpielEmbedding, random_indic
 from spielft.model import find_target_modules
 from spielft.ops import sparse_delta_embedding, sparse_delta_linear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP thrashing on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _delta(shape, k, dtype=torch.float64, seed=0):

@@ -19,15 +19,7 @@ from spielft.layer import (  # noqa: E402
 )
 from spielft.model import find_target_modules  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """bitsandbytes' CPU kernels share torch's OpenMP pool, which thrashes on a busy 2-core
-    machine (a 64x128 dequantize: 15 ms with 2 threads, 20 us with 1); tiny models lose nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def to_4bit(linear, quant_type="nf4", double_quant=True, compute_dtype=torch.float32):
