@@ -68,12 +68,47 @@ def density_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def width_section(results: list[dict], path: Path) -> str:
+    """Synthetic Llamas of growing width: table and plot of step time relative to the floor."""
+    results = sorted(results, key=lambda r: int(r["model"].split("-h")[1].split("-")[0]))
+    widths = [int(r["model"].split("-h")[1].split("-")[0]) for r in results]
+    lines = [f"`{results[0]['command']}` (for each --hidden), batch {results[0]['batch'][0]} x "
+             f"{results[0]['batch'][1]}, SpIEL at LoRA r={results[0]['rank']}'s count", "",
+             "| hidden | budget | floor (s) | LoRA (s) | SpIEL-AG (s) | SpIEL-MA (s) | MA x floor | MA x LoRA | AG x LoRA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for method, style in (("lora", "s-"), ("spiel-ag", "o-"), ("spiel-ma", "^-")):
+        ax.plot(widths, [r["at_lora_budget"]["methods"][method]["ratio_to_floor"] for r in results],
+                style, label=NAMES[method])
+    for width, r in zip(widths, results, strict=True):
+        m = r["at_lora_budget"]["methods"]
+        lines.append(f"| {width} | {r['at_lora_budget']['budget']:,} | {m['floor']['step_seconds']:.2f} | "
+                     f"{m['lora']['step_seconds']:.2f} | {m['spiel-ag']['step_seconds']:.2f} | "
+                     f"{m['spiel-ma']['step_seconds']:.2f} | {m['spiel-ma']['ratio_to_floor']:.2f} | "
+                     f"{m['spiel-ma']['ratio_to_lora']:.2f} | {m['spiel-ag']['ratio_to_lora']:.2f} |")
+    ax.axhline(1.0, color="k", linestyle="--", label="floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("hidden size (synthetic 2-layer Llama)")
+    ax.set_ylabel("step time / floor")
+    ax.set_title(f"Cost against width (SpIEL at LoRA r={results[0]['rank']}'s count)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 def main() -> None:
     speed = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("speed_*.json"))]
+    synthetic = [r for r in speed if r["model"].startswith("synthetic")]
     for result in speed:
-        print(speed_tables(result), "\n")
+        if result not in synthetic:
+            print(speed_tables(result), "\n")
     if speed:
-        density_plot(speed, RESULTS / "speed_density.png")
+        density_plot([r for r in speed if r not in synthetic], RESULTS / "speed_density.png")
+    if synthetic:
+        print(width_section(synthetic, RESULTS / "speed_width.png"), "\n")
     memory = RESULTS / "memory.json"
     if memory.exists():
         data = json.loads(memory.read_text())
