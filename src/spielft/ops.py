@@ -254,7 +254,7 @@ class SparseDeltaEmbeddingFn(torch.autograd.Function):
                 dense[rows] = row_grad.float()
                 for capture in ctx.captures:
                     capture(dense)
-                grad_values = dense.view(-1)[indices]
+                grad_values = dense.view(-1).index_select(0, indices.long())
             else:
                 idx = indices.long()
                 row_of, col_of = idx // dim, idx % dim
