@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import tiny_models
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -35,13 +37,8 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer random Llama (about 0.1M parameters) in eval mode, identical for a given seed."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return tiny_models.tiny_llama(
+        seed,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         initializer_range=0.2,  # peaky logits: greedy decoding has no near-ties
@@ -49,8 +46,7 @@ def make_tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaF
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    ).eval()
 
 
 @pytest.fixture

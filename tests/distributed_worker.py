@@ -18,8 +18,9 @@ import traceback
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+import tiny_models  # tests/, the script's folder (sys.path[0] under torchrun)
 from spielft import SpielConfig, get_spiel_model
 
 GLOBAL_BATCH = 4  # sequences per micro-batch, over all ranks
@@ -28,18 +29,10 @@ STEPS = 10  # optimizer steps: updates at 3, 6 and 9 (reselection_steps=3)
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).train()
+    """The shared tiny Llama (seed 0) over the 64 token ids of `batches`, in train mode."""
+    return tiny_models.tiny_llama(
+        vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False
+    ).train()
 
 
 def spiel_config(regrowth: str, **overrides: Any) -> SpielConfig:

@@ -161,17 +161,19 @@ def test_spiel_trainer_under_accelerate_ddp_matches_single_process(trainer_resul
     """`accelerate launch` + SpielTrainer (AG, gradient accumulation 2), then a resume from a
     checkpoint written inside an accumulation window (per-rank gradient sums); and
     `Trainer(fsdp=True)` refused when train() starts."""
+    reference = worker.trainer_run(str(tmp_path), per_device_batch=4)
+    assert reference["model_type"] == "SpielModel"
+    # The full first reselection regrows the 3686-weight budget (less what it picks again).
+    assert 3686 / 2 < reference["changed"][0] <= 3686 and reference["changed"][1] == 454
     for rank in trainer_results:
         assert "crash" not in rank, rank.get("crash")
         assert rank["model_type"] == "DistributedDataParallel"
-        assert rank["num_updates"] == 2 and rank["changed"] == [3686.0, 454.0]
+        assert rank["num_updates"] == 2 and rank["changed"] == reference["changed"]
         assert {"spiel_selector_state-rank0.safetensors", "spiel_selector_state-rank1.safetensors",
                 "adapter_model.safetensors"} <= set(rank["checkpoint"])  # fmt: skip
         assert rank["fsdp_trainer"].startswith(
             "UnsupportedParallelismError: spielft does not support FSDP"
         )
-    reference = worker.trainer_run(str(tmp_path), per_device_batch=4)
-    assert reference["model_type"] == "SpielModel" and reference["changed"] == [3686.0, 454.0]
     for name, (indices, values) in reference["final"].items():
         for rank in trainer_results:
             for run in (rank, rank["resumed"]):

@@ -5,13 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from spielft import SpielConfig, SpielModel, get_spiel_model
 from spielft.layer import SparseDelta, SpielConv1D, SpielEmbedding, random_indices, wrap_module
 from spielft.model import find_target_modules
 from spielft.ops import sparse_delta_embedding, sparse_delta_linear
+from tiny_models import tiny_llama, train_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -33,13 +34,6 @@ def tiny_gpt2(seed=0):
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg)
 
 
 def _batch(seed, vocab=128, batch=4, length=16):
@@ -121,15 +115,7 @@ def test_tiny_gpt2_default_targets_conv1d_trains_and_merges_exactly():
     selector = spiel.create_selector(optimizer, total_steps=40)
     data = _batch(0, batch=8, length=16)
     before = [d.indices.clone() for d in spiel.sparse_deltas().values()]
-    losses = []
-    spiel.train()
-    for _ in range(40):
-        loss = spiel(input_ids=data, labels=data).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        selector.step()
-        losses.append(loss.item())
+    losses = train_steps(spiel, optimizer, selector, data, 40)
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     after = [d.indices for d in spiel.sparse_deltas().values()]
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -6,7 +6,6 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from spielft import SpielConfig, SpielModel, get_spiel_model  # noqa: E402
 from spielft.layer import (  # noqa: E402
@@ -18,6 +17,7 @@ from spielft.layer import (  # noqa: E402
     wrap_module,
 )
 from spielft.model import find_target_modules  # noqa: E402
+from tiny_models import tiny_llama, train_steps  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -46,13 +46,6 @@ def quantize_model(model, kind="4bit", **kwargs):
             new = to_4bit(module, **kwargs) if kind == "4bit" else to_8bit(module)
             setattr(model.get_submodule(parent), child, new)
     return model
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg)
 
 
 def quantized_llama(seed=0, kind="4bit", **kwargs):
@@ -197,15 +190,7 @@ def _train(spiel, steps, lr, seed=0):
     optimizer = spiel.create_optimizer(lr=lr)
     selector = spiel.create_selector(optimizer, total_steps=steps)
     data = _batch(seed, batch=8)
-    losses = []
-    spiel.train()
-    for _ in range(steps):
-        loss = spiel(input_ids=data, labels=data).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        selector.step()
-        losses.append(loss.item())
+    losses = train_steps(spiel, optimizer, selector, data, steps)
     spiel.eval()
     return losses
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from spielft import SparseAdamW, SpielConfig, get_spiel_model
 from spielft.optim import (
@@ -11,18 +10,12 @@ from spielft.optim import (
     dequantize_blockwise_8bit,
     quantize_blockwise_8bit,
 )
+from tiny_models import tiny_llama, train_steps
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -126,15 +119,7 @@ def _train(optim_bits, steps=30):
     calls = []
     original = optimizer.reindex
     optimizer.reindex = lambda *a, **k: (calls.append(a[1]), original(*a, **k))[1]
-    losses = []
-    spiel.train()
-    for _ in range(steps):
-        loss = spiel(input_ids=data, labels=data).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        selector.step()
-        losses.append(loss.item())
+    losses = train_steps(spiel, optimizer, selector, data, steps)
     return optimizer, losses, calls
 
 

@@ -111,6 +111,34 @@ def test_full_first_reselection_replaces_the_budget_from_gradients():
     assert selector.rate_at(4) == pytest.approx(0.5 * (1 - 4 / 1000))  # then the schedule
 
 
+def test_full_first_reselection_keeps_trained_deltas_it_reselects():
+    model, delta = _one_layer("ag", k=3, full_first_reselection=True)
+    opt = model.create_optimizer(lr=0.1)
+    selector = model.create_selector(opt, total_steps=1000)
+    grad = torch.zeros(3, 4)
+    grad.view(-1)[delta.indices.long()[:2]] = 5.0  # two active positions stay the largest
+    grad.view(-1)[0 if 0 not in delta.indices.tolist() else 1] = 1.0
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor([0.3, -0.2, 0.7]))
+    _backward_with_weight_grad(model, grad)
+    assert _step(opt, selector) is None
+    before = dict(zip(delta.indices.tolist(), delta.values.tolist(), strict=True))
+    state_before = dict(zip(delta.indices.tolist(), opt.state[delta.values]["exp_avg"].tolist(),
+                            strict=True))
+    _backward_with_weight_grad(model, grad)
+    stats = _step(opt, selector)
+    assert stats["spiel/reselection_rate"] == 1.0
+    after = dict(zip(delta.indices.tolist(), delta.values.tolist(), strict=True))
+    kept = [i for i in after if i in before]
+    assert len(kept) == 2 and stats["spiel/indices_changed"] == 1.0
+    for i in kept:  # trained delta (and Adam state) survive; the new position starts at zero
+        assert after[i] != 0.0
+        assert opt.state[delta.values]["exp_avg"][list(after).index(i)] != 0.0
+        assert state_before[i] != 0.0
+    (new,) = set(after) - set(before)
+    assert after[new] == 0.0
+
+
 def test_schedules():
     assert reselection_rate(0, 100, 0.2, "linear") == pytest.approx(0.2)
     assert reselection_rate(50, 100, 0.2, "linear") == pytest.approx(0.1)

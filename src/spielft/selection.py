@@ -299,10 +299,12 @@ class SpielSelector:
             grown = grown[~clash]
             if init is not None:
                 init = {key: value[~clash] for key, value in init.items()}
+        # A regrown position that was active (only a full reselection can pick one) keeps its
+        # trained delta and optimizer state: dropping and regrowing it must not zero it.
+        slot = torch.searchsorted(active, grown).clamp_(max=k - 1)
+        was_active = active[slot] == grown
         new_indices = torch.cat([active[keep_slots], grown])
-        source = torch.cat(
-            [keep_slots, torch.full((n,), -1, dtype=torch.long, device=grown.device)]
-        )
+        source = torch.cat([keep_slots, torch.where(was_active, slot, -1)])
         order = torch.argsort(new_indices)
         new_indices, source = new_indices[order], source[order]
         seeds = None
@@ -315,7 +317,7 @@ class SpielSelector:
                 seeds[key][regrown_slots] = value.float()[which]
         delta.reassign(new_indices, source)
         self.optimizer.reindex(delta.values, source, seeds)  # type: ignore[attr-defined]
-        return n
+        return n - int(was_active.sum())
 
     def _reduce_ag_statistics(self) -> None:
         """Average every matrix's AG gradient sums over the ranks (one all-reduce in all).
