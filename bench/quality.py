@@ -304,8 +304,8 @@ class Bench:
     def plan(self) -> tuple[int, int]:
         """(trainings, test evaluations) that the whole benchmark needs."""
         trainings, tests = 0, 1
-        for method, _ in self.cells():
-            trainings += len(self.cfg.lr_grid[method]) + len(self.cfg.seeds) - 1
+        for method, rank in self.cells():
+            trainings += len(self.grid(method, rank, planning=True)) + len(self.cfg.seeds) - 1
             tests += len(self.cfg.seeds)
         return trainings, tests
 
@@ -313,6 +313,14 @@ class Bench:
         """(method, rank) pairs; full fine-tuning has no rank and runs once."""
         return [(m, r) for i, r in enumerate(self.cfg.ranks) for m in self.cfg.methods
                 if m != "full" or i == 0]
+
+    def grid(self, method: str, rank: int, planning: bool = False) -> list[float]:
+        """Learning rates to try: the sweep at the first budget; later budgets reuse its best."""
+        first = self.cfg.ranks[0]
+        if self.cfg.sweep_every_budget or method == "full" or rank == first:
+            return self.cfg.lr_grid[method]
+        best = None if planning else self.best_lr(method, first)
+        return [best] if best is not None else self.cfg.lr_grid[method][:1]
 
     def spec(self, **extra: Any) -> dict:
         c = self.cfg
@@ -410,7 +418,7 @@ class Bench:
 
     def best_lr(self, method: str, rank: int) -> float | None:
         scores = {}
-        for lr in self.cfg.lr_grid[method]:
+        for lr in self.grid(method, rank):
             rec = self.index.get(_key("train", method, rank, lr, self.cfg.seeds[0]))
             if rec is not None:
                 loss = rec["val_loss"]
@@ -431,7 +439,7 @@ class Bench:
         self.test("base", 0, 0.0, cfg.seeds[0])
         for method, rank in self.cells():
             print(f"[{LABELS[method]}, {_budget(method, rank)}]", flush=True)
-            grid = cfg.lr_grid[method]
+            grid = self.grid(method, rank)
             for lr in grid:
                 self.train(method, rank, lr, cfg.seeds[0], need_weights=False)
             best = self.best_lr(method, rank)
@@ -493,7 +501,7 @@ class Bench:
         lines = ["| method | budget | lr | validation loss |", "|---|---|---:|---:|"]
         for method, rank in self.cells():
             best = self.best_lr(method, rank)
-            for lr in self.cfg.lr_grid[method]:
+            for lr in self.grid(method, rank):
                 rec = self.index.get(_key("train", method, rank, lr, self.cfg.seeds[0]))
                 val = "-" if rec is None else f"{rec['val_loss']:.4f}" + (" (best)" if lr == best else "")
                 lines.append(f"| {LABELS[method]} | {_budget(method, rank)} | {lr:g} | {val} |")
@@ -644,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
                              + ", one lr per method; explicit flags still win")
     run = p.add_argument_group("run")
+    budget.add_argument("--sweep-every-budget", action="store_true",
+                        help="sweep the lr grid at every rank (default: at the first rank only; "
+                             "larger budgets reuse each method's best lr)")
     run.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all)")
     run.add_argument("--loss-batch-size", type=int, default=8)
     run.add_argument("--gen-batch-size", type=int, default=32)
