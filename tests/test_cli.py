@@ -1,6 +1,8 @@
 """The ``spielft`` command line end to end on a tiny local model and tiny JSONL files."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -76,6 +78,9 @@ def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
                  "--output", str(merged)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o777 & ~umask  # not tempfile's private 0700
     plain = AutoModelForCausalLM.from_pretrained(merged)
     from spielft import SpielModel
 
@@ -106,6 +111,18 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, tiny_data):
     # The history holds the first run's logs and then steps 7..9: continued, not restarted.
     assert len(steps) == len(set(steps)) and max(steps) == 9
     assert json.loads((out / "metrics.json").read_text())["steps"] == 9
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints(tmp_path, tiny_model_dir, tiny_data):
+    out = tmp_path / "run"
+    (out / "checkpoint-120").mkdir(parents=True)  # an earlier, longer run's
+    (out / "checkpoint-120" / "adapter_model.safetensors").write_bytes(b"old")
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields",
+                 "question,answer", "--output", str(out), "--max-steps", "2", "--batch-size", "4",
+                 "--val-size", "4", "--eval-examples", "4", "--no-generate", "--overwrite",
+                 "--save-steps", "1"])
+    assert code == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, tiny_model_dir, capsys):

@@ -294,3 +294,27 @@ def test_dequantized_merge_with_8bit_layers_and_untargeted_quantized_layers():
     assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in merged.modules())  # untargeted too
     assert type(merged.model.layers[0].mlp.up_proj) is nn.Linear
     torch.testing.assert_close(q_out["merged"], q_out["spiel"], rtol=1e-5, atol=1e-5)
+
+
+def test_dequantized_merge_of_a_from_pretrained_4bit_model_saves_as_plain_floats(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+        dtype=torch.float32,
+    )
+    spiel = get_spiel_model(quantized, SpielConfig(density=0.05))
+    for delta in spiel.sparse_deltas().values():
+        with torch.no_grad():
+            delta.values.normal_(0, 0.05)
+    probe = _batch(9)
+    with torch.no_grad():
+        expected = spiel(input_ids=probe).logits
+    merged = spiel.merge_and_unload(dequantize=True)
+    assert not hasattr(merged.config, "quantization_config") and not merged.is_quantized
+    merged.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, expected, rtol=1e-4, atol=1e-4)

@@ -59,6 +59,30 @@ def test_round_trip_gives_identical_logits(tmp_path):
     assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
 
 
+def test_saved_files_get_the_usual_umask_mode_not_tempfiles_private_one(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        trained().save_pretrained(tmp_path)
+    finally:
+        os.umask(umask)
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_adapters_loaded_for_inference_stay_frozen_through_later_adapter_calls(tmp_path):
+    trained().save_pretrained(tmp_path / "a")
+    model = SpielModel.from_pretrained(tiny_llama(), tmp_path / "a", is_trainable=False)
+    model.load_adapter(tmp_path / "a", "other")
+    model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")
+    model.set_adapter(["default", "other"])
+    assert model.get_nb_trainable_parameters()[0] == 0
+    model.set_adapter("sum")  # a new adapter built here is trainable when it leads
+    assert model.get_nb_trainable_parameters()[0] > 0
+
+
 def test_file_costs_values_plus_four_bytes_per_index(tmp_path):
     model = trained()
     model.save_pretrained(tmp_path)
@@ -96,6 +120,35 @@ def test_disable_adapter_runs_the_base_model():
     with model.disable_adapter():
         assert torch.equal(logits(model), base_logits)
     assert not torch.equal(logits(model), base_logits)
+
+
+def test_disable_adapter_and_set_adapter_unmerge_a_merged_model_first():
+    base_logits = logits(tiny_llama())
+    model = trained()
+    adapted = logits(model)
+    model.merge()
+    with pytest.warns(UserWarning, match="unmerging"), model.disable_adapter():
+        assert torch.equal(logits(model), base_logits)  # not W + delta
+    assert torch.equal(logits(model), adapted)  # unmerged, the deltas run in the forward again
+    model.merge()
+    with pytest.warns(UserWarning, match="unmerging"):
+        model.set_adapter("default")
+    assert not any(layer.merged_adapters for layer in model.spiel_layers().values())
+    assert torch.equal(logits(model), adapted)
+
+
+def test_unmerge_restores_the_positions_merged_even_if_indices_moved():
+    model = trained()
+    before = {n: p.clone() for n, p in model.base_model.named_parameters()}
+    model.merge()
+    for delta in model.sparse_deltas().values():  # as a selector update would
+        k = delta.values.numel()
+        moved = torch.randperm(delta.numel_dense, generator=torch.Generator().manual_seed(3))[:k]
+        delta.reassign(moved.sort().values, torch.full((k,), -1))
+    model.unmerge()
+    for n, p in model.base_model.named_parameters():
+        if "spiel_deltas" not in n:  # the pretrained weights
+            assert torch.equal(p, before[n]), n
 
 
 def _dense_deltas(model, adapter):

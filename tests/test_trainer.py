@@ -425,3 +425,27 @@ def test_callback_rejects_a_non_spiel_optimizer(tmp_path):
     )
     with pytest.raises(TypeError, match="create_spiel_optimizer"):
         trainer.train()
+
+
+def test_selector_state_resumes_on_another_number_of_processes_outside_a_window(tmp_path):
+    from spielft.trainer import load_selector_state, save_selector_state
+
+    spiel = _tiny_spiel("ag")
+    optimizer = spiel.create_optimizer(lr=1e-3)
+    saved = spiel.create_selector(optimizer, total_steps=MAX_STEPS)
+    saved.step_count, saved.num_updates = 5, 1  # between windows: nothing per rank
+    saved.accumulators.clear()
+    for rank in (0, 1):
+        save_selector_state(saved, tmp_path / "outside", rank=rank, world_size=2)
+    resumed = spiel.create_selector(optimizer, total_steps=MAX_STEPS)
+    load_selector_state(resumed, tmp_path / "outside", rank=0, world_size=1)
+    assert (resumed.step_count, resumed.num_updates) == (5, 1)
+
+    ids = torch.arange(16).view(1, 16)
+    saved.step_count = RESELECTION - 1  # the last step of the window before the update at 4
+    saved._arm()
+    spiel(input_ids=ids, labels=ids).loss.backward()  # fills the per-rank gradient sums
+    assert saved.state_dict()["accumulators"]
+    save_selector_state(saved, tmp_path / "inside", rank=0, world_size=2)
+    with pytest.raises(ValueError, match="inside an AG accumulation window"):
+        load_selector_state(resumed, tmp_path / "inside", rank=0, world_size=1)

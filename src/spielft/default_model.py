@@ -32,6 +32,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .model import apply_umask_mode
+
 __all__ = [
     "CACHE_ENV_VAR",
     "DEFAULT_GGUF_DISTRIBUTION",
@@ -167,6 +169,7 @@ def convert_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    apply_umask_mode(tmp)
     start = time.perf_counter()
     logger.info("Converting %s to %s (one-time; later loads are fast)", src, out)
     try:

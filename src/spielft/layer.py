@@ -110,7 +110,9 @@ class SpielLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         # Original weights at merged positions, so `unmerge` restores W bit for bit.
-        self._merge_backup: dict[str, Tensor] = {}
+        # adapter -> (positions written, their values before): unmerge restores exactly these,
+        # even if a selector update moved the adapter's indices since the merge.
+        self._merge_backup: dict[str, tuple[Tensor, Tensor]] = {}
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
@@ -191,7 +193,7 @@ class SpielLayer(nn.Module):
                 continue
             delta = self.spiel_deltas[name]
             idx = delta.indices.long()
-            self._merge_backup[name] = flat[idx].clone()
+            self._merge_backup[name] = (idx, flat[idx].clone())
             flat[idx] = merged_values(flat[idx], delta.values)
             self.merged_adapters.append(name)
 
@@ -202,7 +204,8 @@ class SpielLayer(nn.Module):
             return
         flat = self._merge_target().view(-1)
         for name in reversed(self.merged_adapters):
-            flat[self.spiel_deltas[name].indices.long()] = self._merge_backup.pop(name)
+            idx, before = self._merge_backup.pop(name)
+            flat[idx] = before
         self.merged_adapters = []
 
 

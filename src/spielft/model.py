@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,6 +166,7 @@ class SpielModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, SpielConfig] = {}
         self.active_adapters: list[str] = []
+        self.inference_adapters: set[str] = set()  # loaded with is_trainable=False: never trained
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, config, state=state)
@@ -265,10 +267,17 @@ class SpielModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
             raise ValueError(f"unknown adapter(s) {missing}; available: {list(self.peft_config)}")
+        self._unmerge_before("set_adapter")
         self.active_adapters = names
         for layer in self.spiel_layers().values():
             layer.set_adapter(names)
         self._mark_trainable()
+
+    def _unmerge_before(self, action: str) -> None:
+        """Unmerge first (as peft does): merged deltas live in W, where no switch can reach."""
+        if any(layer.merged_adapters for layer in self.spiel_layers().values()):
+            warnings.warn(f"{action} on a merged model: unmerging the adapters first.", stacklevel=3)
+            self.unmerge()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -278,19 +287,24 @@ class SpielModel(nn.Module):
         for layer in self.spiel_layers().values():
             layer.delete_delta(adapter_name)
         del self.peft_config[adapter_name]
+        self.inference_adapters.discard(adapter_name)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
 
     def _mark_trainable(self) -> None:
+        """The first active adapter trains, unless it was loaded for inference only."""
         trainable = self.active_adapters[0] if self.active_adapters else None
+        if trainable in self.inference_adapters:
+            trainable = None
         for layer in self.spiel_layers().values():
             for name, delta in layer.spiel_deltas.items():
                 delta.values.requires_grad_(name == trainable)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the ``with`` block."""
+        """Run the base model alone inside the ``with`` block (merged adapters are unmerged)."""
+        self._unmerge_before("disable_adapter")
         layers = list(self.spiel_layers().values())
         previous = [layer.disable_adapters for layer in layers]
         for layer in layers:
@@ -386,6 +400,11 @@ class SpielModel(nn.Module):
             layer = wrap_module(module)
             if isinstance(layer, SpielQuantLinear):  # an untargeted quantized layer
                 self._set_module(name, layer.dequantized_linear([], dtype))
+        # The weights are plain floats now: forget the bitsandbytes config, or save_pretrained
+        # would write one over unquantized weights (as transformers' own dequantize() does).
+        quantizer = getattr(self.base_model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(self.base_model)
         return self.base_model
 
     def _set_module(self, name: str, module: nn.Module) -> None:
@@ -506,8 +525,8 @@ class SpielModel(nn.Module):
         config, state = read_adapter(adapter_dir, self.base_model)
         self.add_adapter(adapter_name, config, state=state)
         if not is_trainable:
-            for delta in self.sparse_deltas(adapter_name).values():
-                delta.values.requires_grad_(False)
+            self.inference_adapters.add(adapter_name)
+            self._mark_trainable()
 
     @classmethod
     def from_pretrained(
@@ -521,8 +540,8 @@ class SpielModel(nn.Module):
         config, state = read_adapter(adapter_dir, model)
         spiel = cls(model, config, adapter_name, state=state)
         if not is_trainable:
-            for delta in spiel.sparse_deltas(adapter_name).values():
-                delta.values.requires_grad_(False)
+            spiel.inference_adapters.add(adapter_name)
+            spiel._mark_trainable()
         return spiel
 
 
@@ -540,12 +559,25 @@ def get_spiel_model(
     return SpielModel(model, config, adapter_name)
 
 
+def apply_umask_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file or folder the mode a plain ``open``/``mkdir`` would have.
+
+    ``tempfile`` makes them private (0600/0700) and ``os.replace`` keeps that mode, so without
+    this an adapter or model saved atomically could not be read by another user or a serving
+    container running under another uid.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        apply_umask_mode(tmp)  # after writing: a writer may replace the file it was given
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

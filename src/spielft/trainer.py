@@ -329,11 +329,18 @@ def load_selector_state(
             f"(regrowth={meta.get('regrowth')!r}) cannot resume adapter "
             f"{selector.adapter_name!r} (regrowth={selector.config.regrowth!r})"
         )
-    if int(meta.get("world_size", 1)) != world_size:
-        raise ValueError(
-            f"{directory}: selector state saved with {meta.get('world_size')} processes, "
-            f"resuming with {world_size}; per-rank gradient statistics cannot be redistributed"
-        )
+    saved_world_size = int(meta.get("world_size", 1))
+    if saved_world_size != world_size:
+        # Only AG's open accumulation window is per rank (each rank's own gradient sums);
+        # everything else is the same on every rank and resumes on any number of processes.
+        if meta["state"].get("accumulators"):
+            raise ValueError(
+                f"{directory}: selector state saved with {saved_world_size} processes inside "
+                f"an AG accumulation window, resuming with {world_size}: per-rank gradient "
+                "sums cannot be redistributed. Resume with the same number of processes, or "
+                "from a checkpoint outside an accumulation window."
+            )
+        rank, world_size = 0, saved_world_size
     path = directory / _tensors_name(rank, world_size)
     tensors = load_file(str(path)) if path.is_file() else {}
     state = _unflatten(meta["state"], tensors)

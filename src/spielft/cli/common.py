@@ -16,7 +16,7 @@ import torch
 from ..data import load_records
 from ..default_model import load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
-from ..model import ADAPTER_CONFIG_NAME, SpielModel
+from ..model import ADAPTER_CONFIG_NAME, SpielModel, apply_umask_mode
 
 DEMO = "demo"
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
@@ -101,6 +101,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise FileExistsError(f"{target} exists and is not empty; pass --overwrite or choose another --output")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    apply_umask_mode(tmp)
     try:
         yield tmp
     except BaseException:

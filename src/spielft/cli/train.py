@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,18 @@ def check_output(args) -> None:
         raise FileNotFoundError(f"--resume: no checkpoint-* folder in {out} to resume from")
 
 
+def remove_previous_checkpoints(out: Path) -> list[Path]:
+    """Delete the ``checkpoint-*`` folders of an earlier run in ``out`` (for ``--overwrite``).
+
+    Left in place, they would outrank this run's checkpoints: the Trainer's rotation
+    (``save_total_limit``) keeps the highest step numbers, and ``--resume`` would pick them.
+    """
+    stale = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    for folder in stale:
+        shutil.rmtree(folder)
+    return stale
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -258,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
     if main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     steps = planned_steps(args, len(train_set))
+    if args.overwrite and not args.resume and main_process:  # only now: bad input loses nothing
+        stale = remove_previous_checkpoints(Path(args.output))
+        if stale:
+            print(f"--overwrite: removed {len(stale)} checkpoint folder(s) of an earlier run")
     trainer = build_trainer(args, model, tokenizer, train_set, eval_set, steps)
     start = time.perf_counter()
     resume = None if args.resume is None else (True if args.resume == "latest" else args.resume)
