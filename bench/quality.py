@@ -14,14 +14,14 @@ construction; full fine-tuning trains everything). Per method and budget:
 3. the base model without fine-tuning is a row of its own.
 
     python bench/quality.py --data gsm8k                  # the benchmark, rank-16 budget (~2 h)
-    python bench/quality.py --data gsm8k --ranks 16 64    # two budgets (~3.5 h)
+    python bench/quality.py --data gsm8k --ranks 16 64    # two budgets (~3.3 h)
     python bench/quality.py --data gsm8k --resume         # continue an interrupted run
-    python bench/quality.py --data demo                   # the built-in date task (~30 min)
+    python bench/quality.py --data demo                   # the built-in date task (~25 min)
     python bench/quality.py --data demo --quick           # smoke run (a few minutes)
     python bench/quality.py --data gsm8k --report-only    # table, plot and markdown again
 
 ``--data gsm8k`` reads ``../shared/data/gsm8k/{train,test}.jsonl`` (question/answer; answers
-scored by their last number; 256 new tokens); ``--data demo`` is spielft's date task (ISO dates,
+scored by their last number; 200 new tokens); ``--data demo`` is spielft's date task (ISO dates,
 16 new tokens). Each run is a child process (``spielft train``'s pieces: ``wrap_for_method``,
 ``build_trainer``; SHiRA through peft with the same Trainer), so its peak RSS is its own. Every
 finished training and evaluation is appended to ``bench/results/quality_<data>.json`` at once, so
@@ -30,20 +30,19 @@ an interrupted benchmark keeps them and ``--resume`` skips them. At the end: a m
 curves of the final runs in ``bench/results/quality_<data>_curves.png``. Weights and logs of the
 runs go to ``runs/quality_<data>/`` (weights deleted once evaluated unless ``--keep-weights``).
 
-Default budget, sized for about two hours on this project's 2-core CPU: 5 methods, 1 budget
-(rank 16: 4,884,480 trainable parameters, 4.6% of the targeted weights), 14 sweep runs + 5
-second-seed runs = 19 trainings of 32 steps at batch 4 (128 examples from a pool of 1000; SpIEL
-reselects every 20 steps, the recipe's default), each with 4 validation losses on 24 examples,
-and 11 test evaluations (base + 5 methods x 2 seeds): loss on 200 and exact match on 100 test
-examples. The estimate behind it (2 threads, GSM8K sequences ~220 tokens, ~170 trained tokens/s
-as measured for SpIEL at batch 8 x 60 tokens): a training step ~6 s at batch 4 (~8 s for full
-fine-tuning), a training run ~4.5 min with its validation losses and start-up (19 runs: ~85
-min); a test evaluation ~3.5 min (loss ~0.45 s per example; greedy decoding of up to 256 tokens
-~1.1 s per example at batch 32, from a 1-thread smoke measurement) (11: ~40 min); in all ~2 h.
-The test sizes ``--test-loss-examples 300 --test-em-examples 200`` add ~30 min; a second budget
-(``--ranks 16 64``) adds ~1.5 h; ``--max-steps 128`` (4x the training) makes it ~6 h. After each
-run the script prints an ETA from the runs it has measured; runs of a budget are too short for
-the methods to converge, so read the table as early-training quality at equal parameters.
+Default budget, about two hours on this project's 2-core CPU (measured, see
+``bench/results/quality_gsm8k.md``): 5 methods at one budget (rank 16: 4,884,480 trainable
+parameters, 4.6% of the targeted weights); a 2-point lr sweep each (10 trainings) and a second
+seed of each best (5 more); 24 steps at batch 4 (96 examples of a 1000-example pool), SpIEL
+reselecting every 8 steps (updates at 8 and 16, the first a full, gradient-informed
+reselection), 3 validation losses on 16 examples per run; 11 test evaluations (base + 5 methods
+x 2 seeds): loss on the answers of 200 test examples and exact match of greedy decoding (200 new
+tokens) on 200. A training run takes ~3.2 min with start-up and validation (~2.5 min of
+training), a test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5
+~ 2 h. A second budget (``--ranks 16 64``) reuses each method's best lr and adds ~1.3 h with
+two seeds; ``--max-steps 96`` (4x the training) adds ~2.5 h. After each run the script prints
+an ETA from the runs it has measured. 24 steps are far from convergence: read the table as
+early-training quality at equal parameters.
 """
 
 from __future__ import annotations
@@ -70,18 +69,19 @@ METHODS = ("spiel-ag", "spiel-ma", "lora", "shira", "full")
 LABELS = {"base": "base (no fine-tuning)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA",
           "lora": "LoRA", "shira": "SHiRA", "full": "full fine-tuning"}
 DEFAULT_GRID = {  # the paper's grids, scaled to short runs; SpIEL-MA uses SM3 (larger steps)
-    "spiel-ag": [1e-3, 3e-4, 1e-4], "spiel-ma": [1e-2, 3e-3, 1e-3], "lora": [1e-3, 3e-4, 1e-4],
-    "shira": [1e-3, 3e-4, 1e-4], "full": [3e-5, 1e-5],
+    "spiel-ag": [1e-3, 3e-4], "spiel-ma": [5e-3, 1.5e-3], "lora": [1e-3, 3e-4],
+    "shira": [1e-3, 3e-4], "full": [3e-5, 1e-5],
 }
 DATA = {  # extractor, max new tokens, max length
-    "gsm8k": {"extractor": "last_number", "max_new_tokens": 256, "max_length": 384},
+    "gsm8k": {"extractor": "last_number", "max_new_tokens": 200, "max_length": 384},
     "demo": {"extractor": "iso_date", "max_new_tokens": 16, "max_length": 256},
 }
-DEFAULTS = {"ranks": [16], "seeds": [0, 1], "train_examples": 1000, "val_examples": 24,
-            "max_steps": 32, "batch_size": 4, "eval_points": 4, "test_loss_examples": 200,
-            "test_em_examples": 100}
+DEFAULTS = {"ranks": [16], "seeds": [0, 1], "train_examples": 1000, "val_examples": 16,
+            "max_steps": 24, "batch_size": 4, "eval_points": 3, "test_loss_examples": 200,
+            "test_em_examples": 200, "reselection_steps": 8}
 QUICK = {"ranks": [16], "seeds": [0], "train_examples": 64, "val_examples": 8, "max_steps": 6,
-         "batch_size": 4, "eval_points": 2, "test_loss_examples": 16, "test_em_examples": 8}
+         "batch_size": 4, "eval_points": 2, "test_loss_examples": 16, "test_em_examples": 8,
+         "reselection_steps": 2}
 SPLIT_SEED = 0  # the validation split is the same for every run and seed
 # Settings that change results: --resume refuses a results file made with other values.
 RESULT_SETTINGS = ("data", "train_examples", "val_examples", "max_steps", "batch_size",
@@ -637,27 +637,27 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_argument_group("budget (defaults: the ~2 h benchmark; --quick: a smoke run)")
     budget.add_argument("--train-examples", type=int, default=None, help="training pool (1000)")
     budget.add_argument("--val-examples", type=int, default=None,
-                        help="validation examples cut from the training data (24)")
-    budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (32)")
+                        help="validation examples cut from the training data (16)")
+    budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (24)")
     budget.add_argument("--batch-size", type=int, default=None, help="(4)")
     budget.add_argument("--max-length", type=int, default=None, help="(gsm8k 384, demo 256)")
     budget.add_argument("--eval-points", type=int, default=None,
-                        help="validation losses per run, the last at the end (4)")
+                        help="validation losses per run, the last at the end (3)")
     budget.add_argument("--test-loss-examples", type=int, default=None, help="(200)")
-    budget.add_argument("--test-em-examples", type=int, default=None, help="(100)")
-    budget.add_argument("--max-new-tokens", type=int, default=None, help="(gsm8k 256, demo 16)")
+    budget.add_argument("--test-em-examples", type=int, default=None, help="(200)")
+    budget.add_argument("--max-new-tokens", type=int, default=None, help="(gsm8k 200, demo 16)")
     budget.add_argument("--reselection-steps", type=int, default=None,
-                        help="SpIEL: steps between reselections (default: the recipe's, 20)")
+                        help="SpIEL: steps between reselections (8: three cycles in 24 steps; the recipe's is 20)")
     budget.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
                              + ", one lr per method; explicit flags still win")
-    run = p.add_argument_group("run")
     budget.add_argument("--sweep-every-budget", action="store_true",
                         help="sweep the lr grid at every rank (default: at the first rank only; "
                              "larger budgets reuse each method's best lr)")
+    run = p.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all)")
     run.add_argument("--loss-batch-size", type=int, default=8)
-    run.add_argument("--gen-batch-size", type=int, default=32)
+    run.add_argument("--gen-batch-size", type=int, default=100)
     run.add_argument("--output", default=None,
                      help="results JSON (default: bench/results/quality_<data>[_quick].json); the "
                           ".md and _curves.png go beside it")
