@@ -86,7 +86,7 @@ SPLIT_SEED = 0  # the validation split is the same for every run and seed
 # Settings that change results: --resume refuses a results file made with other values.
 RESULT_SETTINGS = ("data", "train_examples", "val_examples", "max_steps", "batch_size",
                    "max_length", "eval_points", "test_loss_examples", "test_em_examples",
-                   "max_new_tokens", "extractor", "reselection_steps")
+                   "max_new_tokens", "extractor", "reselection_steps", "no_full_first_reselection")
 
 
 # -- data (the same in every process) ------------------------------------------------------------
@@ -131,6 +131,8 @@ def _recipe_args(s: dict, method: str, lr: float, seed: int, output: Path) -> ar
         argv += ["--match-lora-rank", str(s["rank"])]
         if s.get("reselection_steps"):
             argv += ["--reselection-steps", str(s["reselection_steps"])]
+        if s.get("no_full_first_reselection"):
+            argv += ["--no-full-first-reselection"]
     elif method in ("lora", "shira"):
         argv += ["--lora-rank", str(s["rank"])]
     return parser.parse_args(argv)
@@ -307,7 +309,7 @@ class Bench:
         for method, rank in self.cells():
             trainings += len(self.grid(method, rank, planning=True)) + len(self.cfg.seeds) - 1
             tests += len(self.cfg.seeds)
-        return trainings, tests
+        return trainings, 0 if self.cfg.sweep_only else tests
 
     def cells(self) -> list[tuple[str, int]]:
         """(method, rank) pairs; full fine-tuning has no rank and runs once."""
@@ -435,8 +437,9 @@ class Bench:
         print(f"plan: {trainings} trainings ({len(self.cells())} method/budget cells, lr sweep with "
               f"seed {cfg.seeds[0]}, then seeds {cfg.seeds[1:]}), {tests} test evaluations; "
               f"results: {self.path}", flush=True)
-        print(f"[{LABELS['base']}]", flush=True)
-        self.test("base", 0, 0.0, cfg.seeds[0])
+        if not cfg.sweep_only:
+            print(f"[{LABELS['base']}]", flush=True)
+            self.test("base", 0, 0.0, cfg.seeds[0])
         for method, rank in self.cells():
             print(f"[{LABELS[method]}, {_budget(method, rank)}]", flush=True)
             grid = self.grid(method, rank)
@@ -454,7 +457,10 @@ class Bench:
                         shutil.rmtree(self.run_dir(method, rank, lr, cfg.seeds[0]) / "weights",
                                       ignore_errors=True)
             for seed in cfg.seeds:
-                self.test(method, rank, best, seed)
+                if cfg.sweep_only:
+                    self.train(method, rank, best, seed, need_weights=False)
+                else:
+                    self.test(method, rank, best, seed)
         total = sum(r["wall_seconds"] for r in self.state["runs"])
         print(f"done: {_duration(time.perf_counter() - self.started)} in this invocation, "
               f"{_duration(total)} of runs in all", flush=True)
@@ -651,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
                              + ", one lr per method; explicit flags still win")
+    budget.add_argument("--no-full-first-reselection", action="store_const", const=True, default=None,
+                        help="SpIEL: the first update drops only the scheduled share (an ablation)")
+    budget.add_argument("--sweep-only", action="store_true",
+                        help="train the sweep and the seeds, scored on validation only: no test "
+                             "evaluations (for ablations)")
     budget.add_argument("--sweep-every-budget", action="store_true",
                         help="sweep the lr grid at every rank (default: at the first rank only; "
                              "larger budgets reuse each method's best lr)")

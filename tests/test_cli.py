@@ -187,3 +187,21 @@ def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_data)
     assert metrics["steps"] == 4 and metrics["world_size"] == 2  # really data-parallel
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert proc.stdout.count("after:") == 1  # only the main process evaluates and writes
+
+
+def test_train_options_reach_the_spiel_config(tiny_tokenizer):
+    import argparse
+
+    from spielft.cli import train as recipe
+
+    parser = argparse.ArgumentParser()
+    recipe.add_arguments(parser)
+    model = make_tiny_llama(tiny_tokenizer)
+    args = parser.parse_args(["--method", "spiel-ma", "--reselection-steps", "8",
+                              "--no-full-first-reselection"])
+    config = recipe.wrap_for_method(args, model).peft_config["default"]
+    assert (config.regrowth, config.reselection_steps) == ("ma", 8)
+    assert config.full_first_reselection is False
+    default = parser.parse_args(["--method", "spiel-ag"])
+    assert recipe.wrap_for_method(default, make_tiny_llama(tiny_tokenizer)).peft_config[
+        "default"].full_first_reselection is True

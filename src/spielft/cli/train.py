@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--reselection-steps", type=int, default=20)
     method.add_argument("--accumulation-steps", type=int, default=5)
     method.add_argument("--initial-reselection-rate", type=float, default=0.2)
+    method.add_argument("--no-full-first-reselection", dest="full_first_reselection", action="store_false",
+                        help="SpIEL: the first update drops only the scheduled share, not the whole random start")
     method.add_argument("--target-modules", nargs="*", default=None, help="module names (default: every linear layer of the blocks)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=None, help="default: 1e-3 (spiel-ag), 5e-3 (spiel-ma, SM3), 5e-4 (lora), 2e-5 (full)")
@@ -131,7 +133,8 @@ def wrap_for_method(args, model: torch.nn.Module) -> torch.nn.Module:
                              target_modules=targets, regrowth=args.method.split("-")[1],
                              reselection_steps=args.reselection_steps,
                              accumulation_steps=min(args.accumulation_steps, args.reselection_steps),
-                             initial_reselection_rate=args.initial_reselection_rate, seed=args.seed)
+                             initial_reselection_rate=args.initial_reselection_rate,
+                             full_first_reselection=args.full_first_reselection, seed=args.seed)
         return get_spiel_model(model, config)
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
