@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .model import apply_umask_mode
+from .files import apply_umask_mode
 
 __all__ = [
     "CACHE_ENV_VAR",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import SpielConfig
+from .files import atomic_write
 from .layer import (
     SUPPORTED_LAYERS,
     SparseDelta,
@@ -512,11 +512,11 @@ class SpielModel(nn.Module):
             "modules": modules,
         }
         text = json.dumps(meta, indent=2, sort_keys=True)
-        _atomic_write(
+        atomic_write(
             directory / ADAPTER_WEIGHTS_NAME,
             lambda p: save_file(tensors, p, metadata={"spielft": text}),
         )
-        _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+        atomic_write(directory / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
 
     def load_adapter(
         self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False
@@ -557,33 +557,6 @@ def get_spiel_model(
 ) -> SpielModel:
     """Freeze ``model`` and give its targeted layers sparse deltas (random initial indices)."""
     return SpielModel(model, config, adapter_name)
-
-
-def apply_umask_mode(path: str | os.PathLike) -> None:
-    """Give a temporary file or folder the mode a plain ``open``/``mkdir`` would have.
-
-    ``tempfile`` makes them private (0600/0700) and ``os.replace`` keeps that mode, so without
-    this an adapter or model saved atomically could not be read by another user or a serving
-    container running under another uid.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        apply_umask_mode(tmp)  # after writing: a writer may replace the file it was given
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter(

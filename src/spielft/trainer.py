@@ -62,8 +62,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import find_labels
 
+from .files import atomic_write
 from .layer import SpielLayer
-from .model import ADAPTER_WEIGHTS_NAME, SpielModel, _atomic_write, read_adapter
+from .model import ADAPTER_WEIGHTS_NAME, SpielModel, read_adapter
 from .selection import SpielSelector
 
 try:  # only the name of the file; present in every supported transformers version
@@ -287,7 +288,7 @@ def save_selector_state(
     tensors: dict[str, Tensor] = {}
     tree = _flatten(selector.state_dict(), "", tensors)
     name = _tensors_name(rank, world_size)
-    _atomic_write(directory / name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     if write_json:
         meta = {
             "format_version": SELECTOR_FORMAT_VERSION,
@@ -297,7 +298,7 @@ def save_selector_state(
             "state": tree,
         }
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / SELECTOR_STATE_NAME, lambda p: Path(p).write_text(text))
+        atomic_write(directory / SELECTOR_STATE_NAME, lambda p: Path(p).write_text(text))
 
 
 def load_selector_state(

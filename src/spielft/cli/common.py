@@ -16,7 +16,8 @@ import torch
 from ..data import load_records
 from ..default_model import load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
-from ..model import ADAPTER_CONFIG_NAME, SpielModel, apply_umask_mode
+from ..files import apply_umask_mode
+from ..model import ADAPTER_CONFIG_NAME, SpielModel
 
 DEMO = "demo"
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")

@@ -23,6 +23,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..config import SpielConfig
 from ..data import CausalLMCollator, load_records, tokenize_records, train_val_split
 from ..demo_data import demo_dataset
+from ..files import atomic_write
 from ..model import SpielModel, get_spiel_model
 from ..trainer import SpielTrainer
 from .common import (
@@ -159,13 +160,13 @@ class ProgressBar(ProgressCallback):
     Held-out evaluations show their loss on the bar too, instead of a bar of their own.
     """
 
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        return
-
     def __init__(self) -> None:
         super().__init__()
         self._last: tuple[float, int] | None = None
         self.postfix: dict[str, str] = {}
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        return  # no bar of its own: the loss of the evaluation goes on the training bar
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
@@ -235,9 +236,8 @@ def remove_previous_checkpoints(out: Path) -> list[Path]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # -- the recipe ----------------------------------------------------------------------------------------
