@@ -1,6 +1,7 @@
 """The ``spielft`` command line end to end on a tiny local model and tiny JSONL files."""
 
 import json
+import math
 import os
 import stat
 
@@ -73,7 +74,7 @@ def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data
                  "--data", str(tiny_data), "--fields", "question,answer", "--max-examples", "4",
                  "--max-new-tokens", "4", "--output", str(report)]) == 0
     evaluated = json.loads(report.read_text())
-    assert evaluated["examples"] == 4 and "exact_match" in evaluated
+    assert evaluated["examples"] == evaluated["loss_examples"] == 4 and "exact_match" in evaluated
 
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
@@ -205,3 +206,181 @@ def test_train_options_reach_the_spiel_config(tiny_tokenizer):
     default = parser.parse_args(["--method", "spiel-ag"])
     assert recipe.wrap_for_method(default, make_tiny_llama(tiny_tokenizer)).peft_config[
         "default"].full_first_reselection is True
+
+
+def test_planned_steps_counts_the_processes(monkeypatch):
+    import argparse
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from spielft.cli import train as recipe
+
+    parser = argparse.ArgumentParser()
+    recipe.add_arguments(parser)
+    args = parser.parse_args(["--batch-size", "4", "--epochs", "2"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert recipe.planned_steps(args, 100) == 50  # 25 batches, twice
+    for world, accum in [(2, 1), (3, 1), (4, 2)]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        args.grad_accum = accum
+        # What each rank's dataloader holds under accelerate, and the Trainer's steps from it.
+        shard = BatchSamplerShard(BatchSampler(range(100), 4, drop_last=False), num_processes=world,
+                                  process_index=world - 1)
+        assert recipe.planned_steps(args, 100) == 2 * math.ceil(len(shard) / accum)
+    assert recipe.planned_steps(args, 100) == 8  # 25 batches -> 7 a rank -> 4 steps, twice
+    args.max_steps = 30
+    assert recipe.planned_steps(args, 100) == 30  # an explicit count stays
+
+
+def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
+    from spielft.cli import apply_config_file, build_parser
+
+    config = tmp_path / "run.yaml"
+    for text, expected in [("method: foo\n", ["method", "'foo'", "spiel-ag"]),
+                           ("dtype: float64\n", ["dtype", "'float64'", "bfloat16"]),
+                           ("max_steps: 0.5\n", ["max_steps", "expected int", "0.5"]),
+                           ("lr: fast\n", ["lr", "expected float", "'fast'"]),
+                           ("packing: 3\n", ["packing", "true or false"]),
+                           ("help: true\n", ["unknown option(s) ['help']"])]:
+        config.write_text(text)
+        assert main(["train", "--config", str(config)]) == 2, text
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(part in err for part in expected), err
+    # Values are converted as the flags' are: YAML reads 1e-3 as a string.
+    config.write_text("lr: 1e-3\nmax_steps: 7\nquantize: null\ntarget_modules: q_proj\nresume: true\n")
+    parser, commands = build_parser()
+    argv = ["train", "--config", str(config), "--max-steps", "9"]
+    args = apply_config_file(parser, commands["train"], argv, parser.parse_args(argv))
+    assert (args.lr, args.max_steps, args.quantize) == (1e-3, 9, None)  # the flag still wins
+    assert args.target_modules == ["q_proj"] and args.resume == "latest"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "full", "--quantize", "nf4"], "cannot train a quantized base"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--density", "0"], "SpielConfig.density"),
+    (["--method", "spiel-ma", "--reselection-steps", "0"], "SpielConfig.reselection_steps"),
+    (["--initial-reselection-rate", "2"], "SpielConfig.initial_reselection_rate"),
+    (["--match-lora-rank", "0"], "--match-lora-rank must be a positive integer"),
+    (["--method", "lora", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
+])
+def test_bad_method_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, flags, message):
+    from spielft.cli import train as recipe
+
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["train", "--output", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_output_folder_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from spielft.cli import evaluate as recipe
+
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["eval", "--output", str(tmp_path / "missing" / "eval.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_match_lora_rank_still_counts_the_budget_on_the_model(tiny_tokenizer):
+    import argparse
+
+    from spielft.cli import train as recipe
+
+    parser = argparse.ArgumentParser()
+    recipe.add_arguments(parser)
+    args = parser.parse_args(["--match-lora-rank", "2", "--density", "0.5"])
+    model = make_tiny_llama(tiny_tokenizer)
+    expected = recipe.lora_parameter_count(model, 2, recipe.BLOCK_LINEARS)
+    config = recipe.wrap_for_method(args, model, recipe.validate_args(args)).peft_config["default"]
+    assert config.num_tunable_weights == expected
+
+
+def test_atomic_output_dir_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, monkeypatch):
+    from spielft.cli.common import atomic_output_dir
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or backup folder left
+
+    real_replace = os.replace
+
+    def failing_move_in(src, dst):  # the crash between moving the old folder aside and the new in
+        if os.fspath(dst) == os.fspath(target) and not os.fspath(src).endswith(".old"):
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_move_in)
+    with pytest.raises(OSError, match="disk gone"), atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]  # put back
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_output_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from spielft.cli import merge as merge_recipe
+    from spielft.cli import train as recipe
+    from spielft.cli.common import atomic_output_dir
+
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"), atomic_output_dir(target, True):
+        pytest.fail("the block ran")
+
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for extra in [[], ["--overwrite"], ["--resume"]]:
+        assert main(["train", "--output", str(target), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a folder" in err
+
+    class Merged:
+        def merge_and_unload(self):
+            return self
+
+        def save_pretrained(self, *args, **kwargs):
+            pytest.fail("the merged model was written")
+
+    monkeypatch.setattr(merge_recipe, "load_model", lambda *a, **k: (Merged(), Merged()))
+    monkeypatch.setattr(merge_recipe, "apply_adapter", lambda model, adapter: model)
+    assert main(["merge", "--adapter", "a", "--output", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
+    assert target.read_text() == "not a folder"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_generate_on_stdin_is_a_multi_turn_chat(tiny_model_dir, monkeypatch, capsys):
+    import io
+
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_tiny_tokenizer()
+    calls = []  # (the text the model was given, its answer)
+    real_generate = LlamaForCausalLM.generate
+
+    def recording_generate(self, *args, **kwargs):
+        output = real_generate(self, *args, **kwargs)
+        width = kwargs["input_ids"].shape[1]
+        calls.append((tokenizer.decode(kwargs["input_ids"][0]),
+                      tokenizer.decode(output[0, width:], skip_special_tokens=True).strip()))
+        return output
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say the pair of red.\n\nAnd of one?\n"))
+    assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
+    assert len(calls) == 2  # the blank line is no turn
+    (first_input, first_answer), (second_input, _) = calls
+    assert "And of one?" not in first_input
+    first_turn = (f"<|im_start|>user\nSay the pair of red.<|im_end|>\n"
+                  f"<|im_start|>assistant\n{first_answer}<|im_end|>\n")
+    assert first_turn + "<|im_start|>user\nAnd of one?<|im_end|>\n<|im_start|>assistant\n" in second_input
+    capsys.readouterr()
+
+    # --prompt stays one-shot: each prompt alone, no conversation
+    calls.clear()
+    assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "3",
+                 "--prompt", "Say the pair of red."]) == 0
+    assert len(calls) == 1 and calls[0][0].count("<|im_start|>") == 2  # the user's turn, the answer's

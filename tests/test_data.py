@@ -105,6 +105,18 @@ def test_csv(tmp_path):
     assert records[1]["messages"][0]["content"] == "Multi\nline prompt"
 
 
+def test_unicode_line_separators_inside_values(tmp_path):
+    """U+2028/U+2029/U+0085 are valid unescaped in JSON strings and CSV cells: not line ends."""
+    text = "a\u2028b\u2029c\u0085d"
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": text, "completion": "x"}, ensure_ascii=False) + "\r\n",
+                    encoding="utf-8")
+    csv_path = write_csv(tmp_path / "data.csv", ["prompt", "completion"], [[text, "x"]])
+    for source in (path, csv_path):
+        (record,) = load_records(source)
+        assert split_prompt_completion(record) == ([{"role": "user", "content": text}], "x")
+
+
 def test_csv_messages_column_holding_json(tmp_path):
     msgs = conversation("Hi", "Hello")
     path = write_csv(tmp_path / "chat.csv", ["messages"], [[json.dumps(msgs)]])
@@ -327,7 +339,7 @@ def test_packing_with_train_on_prompt_masks_boundary_labels(tiny_tokenizer):
 
 def token_loss_sum(model, batch) -> float:
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits
+    logits = model(**batch).logits  # as the Trainer calls it: the batch alone says use_cache
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)),
         labels[:, 1:].reshape(-1),
@@ -337,7 +349,12 @@ def token_loss_sum(model, batch) -> float:
 
 
 def test_packed_batch_loss_equals_unpacked(tiny_tokenizer, tiny_llama):
-    """Packed rows (with padding) give exactly the per-example losses: no attention across examples."""
+    """Packed rows (with padding) give exactly the per-example losses: no attention across examples.
+
+    In train mode with the config's default ``use_cache=True``, as under the Trainer.
+    """
+    assert tiny_llama.config.use_cache
+    tiny_llama.train()
     examples = make_examples(tiny_tokenizer)
     collator = CausalLMCollator.from_tokenizer(tiny_tokenizer)
     with torch.no_grad():
@@ -362,7 +379,7 @@ def test_collator_pads_right_with_ignored_labels():
         [4, 5, 6, 7, 8, -100, -100, -100],
     ]
     assert batch["attention_mask"].tolist() == [[1] * 3 + [0] * 5, [1] * 5 + [0] * 3]
-    assert "position_ids" not in batch
+    assert "position_ids" not in batch and "use_cache" not in batch
 
 
 def test_collator_packed_rows_get_position_ids_not_mask():
@@ -375,6 +392,7 @@ def test_collator_packed_rows_get_position_ids_not_mask():
     )
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 2]]
     assert "attention_mask" not in batch
+    assert batch["use_cache"] is False  # transformers separates packed examples only without a cache
     with pytest.raises(ValueError, match="mixes packed rows"):
         collator([{"input_ids": [1], "position_ids": [0]}, {"input_ids": [1]}])
     with pytest.raises(ValueError, match="labels has 1 entries but input_ids has 2"):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from spielft import ops
 from spielft.layer import random_indices
-from spielft.ops import DENSE_SDDMM_DENSITY, sddmm, sparse_delta_linear
+from spielft.ops import csr_sddmm, dense_sddmm, gather_sddmm, sddmm, sparse_delta_linear
 
 
 def _case(out_f, in_f, density, leading, bias, dtype=torch.float64, seed=0):
@@ -73,14 +74,30 @@ def test_low_precision_weights_match_reference_rounding(dtype):
     torch.testing.assert_close(vals.grad, ref_grad, rtol=2e-2, atol=2e-2)
 
 
-def test_sddmm_paths_agree():
+@pytest.mark.parametrize("path", [dense_sddmm, csr_sddmm, gather_sddmm])
+@pytest.mark.parametrize("density", [0.001, 0.02, 0.3, 1.0])
+def test_each_sddmm_path_matches_float64_reference(path, density, monkeypatch):
+    monkeypatch.setattr(ops, "_GATHER_CHUNK", 50 * 7)  # several chunks of 7 indices
     gen = torch.Generator().manual_seed(3)
-    g, x = torch.randn(50, 40, generator=gen), torch.randn(50, 30, generator=gen)
-    dense = g.T @ x
-    for density in (0.01, DENSE_SDDMM_DENSITY * 2):
-        idx = random_indices(1200, int(density * 1200), gen)
-        torch.testing.assert_close(sddmm(g, x, idx, (40, 30)), dense.view(-1)[idx], rtol=1e-4, atol=1e-4)
-    assert sddmm(g, x, torch.empty(0, dtype=torch.long), (40, 30)).numel() == 0
+    g = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    x = torch.randn(50, 30, generator=gen, dtype=torch.float64)
+    idx = random_indices(1200, max(1, int(density * 1200)), gen)
+    torch.testing.assert_close(path(g, x, idx, (40, 30)), (g.T @ x).view(-1)[idx])
+
+
+@pytest.mark.parametrize("path", ["dense", "csr", "gather"])
+def test_sddmm_dispatch_computes_the_same_in_every_regime(path, monkeypatch):
+    """Force each path through the thresholds: the op's gradients must not depend on which."""
+    dense_at, gather_below = {"dense": (0.0, 0.0), "csr": (2.0, 0.0), "gather": (2.0, 2.0)}[path]
+    monkeypatch.setattr(ops, "DENSE_SDDMM_DENSITY", dense_at)
+    monkeypatch.setattr(ops, "GATHER_SDDMM_DENSITY", gather_below)
+    weight, b, indices, values, x = _case(13, 11, 0.05, (2, 5), True)
+    out = sparse_delta_linear(x, weight, b, indices, values)
+    grad = torch.randn_like(out)
+    gv = torch.autograd.grad(out, values, grad)[0]
+    rv = torch.autograd.grad(_dense_reference(x, weight, b, indices, values), values, grad)[0]
+    torch.testing.assert_close(gv, rv)
+    assert sddmm(grad.reshape(-1, 13), x.reshape(-1, 11), indices[:0], (13, 11)).numel() == 0
 
 
 def test_dense_weight_gradient_only_when_captured():

@@ -139,3 +139,18 @@ def test_create_optimizer_optim_bits_and_training_with_regrowth():
     end, end32 = sum(losses[-5:]) / 5, sum(losses32[-5:]) / 5
     assert end < 0.95 * losses[0], losses  # it learns (despite the full reselection at step 5)
     assert abs(end - end32) < 0.1 * (losses[0] - end32), (end, end32)  # ...as fp32 Adam does
+
+
+def test_8bit_state_resumes_with_its_own_block_size(tmp_path):
+    """A checkpoint's codes decode with the block size they were made with, whatever the new one."""
+    p = _params()
+    opt = SparseAdamW8bit([p], lr=1e-2, block_size=64)
+    for step in range(3):
+        p.grad = _grads(step)
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    resumed = SparseAdamW8bit([p], lr=1e-2, block_size=256)
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert resumed.block_size == 64 and resumed.param_groups[0]["block_size"] == 64
+    for key, value in opt.moments(p).items():
+        assert torch.equal(resumed.moments(p)[key], value)

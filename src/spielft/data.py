@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import logging
 import math
@@ -126,7 +127,8 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     out = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+2029 or U+0085 unescaped.
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -162,7 +164,9 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
+    # The csv module finds the line ends itself (as with newline=""); splitlines() would also
+    # split quoted cells at U+2028, U+2029 or U+0085.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     if not reader.fieldnames:
         raise DataError(f"{path}: empty CSV file (expected a header row naming the fields).")
     out = []
@@ -529,8 +533,10 @@ class CausalLMCollator:
     Returns ``input_ids``, ``labels`` (padding is ``-100``) and ``attention_mask``. For packed rows
     (they carry ``position_ids``) it returns ``position_ids`` instead of an attention mask: each
     padding run gets its own positions starting at 0, so transformers treats it as one more
-    sequence and the block-diagonal causal mask keeps the real tokens unaffected. Rows without
-    ``labels`` are labelled with their own ``input_ids`` (train on everything).
+    sequence and the block-diagonal causal mask keeps the real tokens unaffected. Packed batches
+    also carry ``use_cache=False``: transformers only builds that per-example mask when the
+    forward pass has no KV cache, and ``config.use_cache`` is on by default, in training too.
+    Rows without ``labels`` are labelled with their own ``input_ids`` (train on everything).
     """
 
     pad_token_id: int
@@ -549,7 +555,7 @@ class CausalLMCollator:
             )
         return cls(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("Cannot collate an empty batch.")
         packed = ["position_ids" in f for f in features]
@@ -580,6 +586,7 @@ class CausalLMCollator:
         }
         if packed[0]:
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+            batch["use_cache"] = False
         else:
             batch["attention_mask"] = torch.tensor(attention, dtype=torch.long)
         return batch

@@ -55,7 +55,7 @@ def _device_of(model: Any) -> torch.device:
 def evaluate_loss(
     model: Any,
     dataset: Sequence[Mapping[str, Any]],
-    collator: Callable[[list[Mapping[str, Any]]], dict[str, torch.Tensor]],
+    collator: Callable[[list[Mapping[str, Any]]], dict[str, Any]],
     batch_size: int = 8,
 ) -> float:
     """Mean cross-entropy per completion token (labels != -100) over ``dataset``.
@@ -72,7 +72,8 @@ def evaluate_loss(
     try:
         for start in range(0, len(dataset), batch_size):
             features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in collator(features).items()}
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in collator(features).items()}
             labels = batch.pop("labels")
             if "position_ids" in batch:  # packed rows: per-example attention needs no KV cache
                 batch["use_cache"] = False

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Above this fraction of active entries, a dense GEMM + gather beats the sampled matmul on CPU
-# (bench/bench_sddmm.py: 1536 x 576, 1024 tokens: 3.5 ms vs 11 ms at 1%, 14 ms vs 10 ms at 20%).
+# Which SDDMM path is fastest at which density, measured with bench/sddmm.py on the 2-core CPU:
+# the dense GEMM + gather above DENSE_SDDMM_DENSITY, the row-gather dot products below
+# GATHER_SDDMM_DENSITY, and the CSR sampled matmul in between.
 DENSE_SDDMM_DENSITY = 0.12
+GATHER_SDDMM_DENSITY = 0.0
 
 # The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -68,32 +70,68 @@ def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) ->
             flat.scatter_(0, idx, saved)
 
 
+def dense_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The SDDMM as the full ``grad_out.T @ x`` GEMM and a gather: best for dense index sets."""
+    return (grad_out.T @ x).view(-1).index_select(0, indices.long())
+
+
+def csr_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The SDDMM as torch's CSR sampled matmul: O(k * tokens), plus a per-call overhead."""
+    out_features, in_features = shape
+    idx = indices.long()
+    boundaries = torch.arange(out_features + 1, device=idx.device, dtype=torch.long) * in_features
+    pattern = torch.sparse_csr_tensor(
+        torch.searchsorted(idx, boundaries),
+        idx % in_features,
+        torch.zeros(idx.numel(), dtype=grad_out.dtype, device=idx.device),
+        (out_features, in_features),
+        check_invariants=False,  # built from sorted, unique, in-range indices
+    )
+    return torch.sparse.sampled_addmm(pattern, grad_out.T.contiguous(), x, beta=0.0).values()
+
+
+# Elements of the gathered (chunk, tokens) operands materialised at once (16 MB in float32).
+_GATHER_CHUNK = 1 << 22
+
+
+def gather_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The SDDMM as row gathers: for each index, the dot product of g.T's row and x.T's column.
+
+    Contiguous (tokens,) rows make each dot product a streaming read; chunks of indices bound
+    the gathered operands to ``_GATHER_CHUNK`` elements.
+    """
+    in_features = shape[1]
+    idx = indices.long()
+    g_t, x_t = grad_out.T.contiguous(), x.T.contiguous()
+    chunk = max(1, _GATHER_CHUNK // max(1, grad_out.shape[0]))
+    out = torch.empty(idx.numel(), dtype=grad_out.dtype, device=grad_out.device)
+    for start in range(0, idx.numel(), chunk):
+        part = idx[start : start + chunk]
+        rows = g_t.index_select(0, part // in_features)
+        cols = x_t.index_select(0, part % in_features)
+        torch.linalg.vecdot(rows, cols, out=out[start : start + chunk])
+    return out
+
+
 def sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
     """Sampled dense-dense matmul: (grad_out.T @ x).view(-1)[indices] without the dense product.
 
     ``grad_out`` is (tokens, out), ``x`` is (tokens, in), ``indices`` sorted flat row-major
-    positions in an (out, in) matrix. Computed in float32 (float64 stays float64).
+    positions in an (out, in) matrix. Computed in float32 (float64 stays float64), by the path
+    that is fastest at this density (`bench/sddmm.py`).
     """
     out_features, in_features = shape
     dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     k = indices.numel()
     if k == 0:
         return grad_out.new_zeros(0, dtype=dtype)
-    g = grad_out.to(dtype)
-    xx = x.to(dtype)
-    if k >= DENSE_SDDMM_DENSITY * out_features * in_features:
-        return (g.T @ xx).view(-1).index_select(0, indices.long())
-    idx = indices.long()
-    boundaries = torch.arange(out_features + 1, device=idx.device, dtype=torch.long) * in_features
-    crow = torch.searchsorted(idx, boundaries)
-    pattern = torch.sparse_csr_tensor(
-        crow,
-        idx % in_features,
-        torch.zeros(k, dtype=dtype, device=idx.device),
-        (out_features, in_features),
-        check_invariants=False,  # built from sorted, unique, in-range indices
-    )
-    return torch.sparse.sampled_addmm(pattern, g.T.contiguous(), xx, beta=0.0).values()
+    g, xx = grad_out.to(dtype), x.to(dtype)
+    density = k / (out_features * in_features)
+    if density >= DENSE_SDDMM_DENSITY:
+        return dense_sddmm(g, xx, indices, shape)
+    if density < GATHER_SDDMM_DENSITY:
+        return gather_sddmm(g, xx, indices, shape)
+    return csr_sddmm(g, xx, indices, shape)
 
 
 class SparseDeltaLinearFn(torch.autograd.Function):

@@ -293,6 +293,21 @@ class SparseAdamW8bit(SparseAdamW):
             raise ValueError(f"SparseAdamW8bit block_size must be >= 1, got {block_size}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.block_size = int(block_size)
+        # In the param groups, so that state_dict() records the layout the codes were made with.
+        self.defaults["block_size"] = self.block_size
+        for group in self.param_groups:
+            group["block_size"] = self.block_size
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load, keeping the saved ``block_size``: the saved codes only decode with their own."""
+        saved = {g["block_size"] for g in state_dict["param_groups"] if "block_size" in g}
+        if len(saved) > 1:
+            raise ValueError(f"SparseAdamW8bit state has param groups with different block sizes {saved}.")
+        super().load_state_dict(state_dict)
+        if saved:
+            self.block_size = saved.pop()
+        for group in self.param_groups:
+            group["block_size"] = self.block_size
 
     def _load(self, state: dict, key: str, signed: bool) -> Tensor:
         return dequantize_blockwise_8bit(

@@ -94,12 +94,24 @@ def parse_fields(value: str | None) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
-@contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside ``path`` that replaces it only if the block succeeds."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an ``--output`` that is a file, or a non-empty folder without ``overwrite``."""
     target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"--output {target} is a file, not a folder: choose another --output")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass --overwrite or choose another --output")
+
+
+@contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``path`` that replaces it only if the block succeeds.
+
+    An existing ``path`` is renamed aside first and deleted only once the new folder is in
+    place (and put back if that fails), so no crash leaves neither of the two.
+    """
+    target = Path(path)
+    check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     apply_umask_mode(tmp)
@@ -108,6 +120,16 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    backup = None
     if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+        backup = tmp.with_name(tmp.name + ".old")  # hidden, unique (as tmp is), same filesystem
+        os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data import CausalLMCollator, tokenize_records
 from ..evaluation import evaluate_exact_match, evaluate_loss
+from ..files import atomic_write
 from .common import (
     add_model_arguments,
     apply_adapter,
@@ -35,9 +36,10 @@ def add_arguments(parser) -> None:
 
 def evaluate(model, tokenizer, records, *, extractor, max_new_tokens, max_length, batch_size,
              generate: bool = True) -> dict:
-    dataset, _ = tokenize_records(records, tokenizer, max_length=max_length)
+    dataset, stats = tokenize_records(records, tokenizer, max_length=max_length)
     collator = CausalLMCollator.from_tokenizer(tokenizer)
-    metrics = {"examples": len(records),
+    # The loss covers the examples whose prompt leaves room for the answer within max_length.
+    metrics = {"examples": len(records), "loss_examples": stats.num_examples,
                "loss": evaluate_loss(model, dataset, collator, batch_size=batch_size)}
     if generate:
         result = evaluate_exact_match(model, tokenizer, records, extractor=extractor,
@@ -48,6 +50,9 @@ def evaluate(model, tokenizer, records, *, extractor, max_new_tokens, max_length
 
 
 def run(args) -> int:
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.is_dir():  # before the slow part, not after it
+        raise FileNotFoundError(f"--output {output}: folder {output.parent} does not exist")
     fields = parse_fields(args.fields)
     records = eval_records(args.data, fields, args.max_examples)
     model, tokenizer = load_model(args.model, args.dtype, args.quantize)
@@ -59,9 +64,11 @@ def run(args) -> int:
         max_length=args.max_length, batch_size=args.batch_size, generate=not args.no_generate,
     )
     line = f"examples: {metrics['examples']}  loss: {metrics['loss']:.4f}"
+    if metrics["loss_examples"] != metrics["examples"]:
+        line += f" (on {metrics['loss_examples']}: the others' prompts fill --max-length)"
     if "exact_match" in metrics:
         line += f"  exact match: {100 * metrics['exact_match']:.1f}%"
     print(line)
-    if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n")
+    if output is not None:
+        atomic_write(output, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
     return 0

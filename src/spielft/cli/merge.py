@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import apply_adapter, atomic_output_dir, load_model
+from .common import apply_adapter, atomic_output_dir, check_output_dir, load_model
 
 HELP = "Merge an adapter into its base model and save a standalone Hugging Face model folder."
 
@@ -16,6 +16,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_output_dir(args.output, args.overwrite)  # before loading anything: fail in seconds
     model, tokenizer = load_model(args.model, args.dtype)
     merged = apply_adapter(model, args.adapter).merge_and_unload()
     with atomic_output_dir(args.output, args.overwrite) as tmp:

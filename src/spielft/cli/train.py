@@ -8,6 +8,7 @@ file (``--config run.yaml``, keys named like the flags with underscores); flags 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import get_int_from_env
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
@@ -124,27 +126,50 @@ def lora_parameter_count(model: torch.nn.Module, rank: int, targets: list[str]) 
                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
 
 
-def wrap_for_method(args, model: torch.nn.Module) -> torch.nn.Module:
+def validate_args(args) -> Any:
+    """Check what needs no model, and build the method's config: bad input fails in seconds.
+
+    Returns the `SpielConfig` (spiel-*), the peft `LoraConfig` (lora) or ``None`` (full).
+    """
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.method == "full" and args.quantize:
+        raise ValueError("--method full cannot train a quantized base; drop --quantize or use spiel-ag/spiel-ma/lora")
     targets = args.target_modules or BLOCK_LINEARS
     if args.method.startswith("spiel"):
-        budget = args.num_tunable_weights
+        if args.match_lora_rank is not None and args.match_lora_rank < 1:
+            raise ValueError(f"--match-lora-rank must be a positive integer, got {args.match_lora_rank}")
+        # With --match-lora-rank the budget is counted on the model later: 1 stands in for it here.
+        budget = 1 if args.match_lora_rank else args.num_tunable_weights
+        return SpielConfig(density=args.density, num_tunable_weights=budget,
+                           target_modules=targets, regrowth=args.method.split("-")[1],
+                           reselection_steps=args.reselection_steps,
+                           accumulation_steps=min(args.accumulation_steps, args.reselection_steps),
+                           initial_reselection_rate=args.initial_reselection_rate,
+                           full_first_reselection=args.full_first_reselection, seed=args.seed)
+    if args.method == "lora":
+        from peft import LoraConfig
+
+        if args.lora_rank < 1:
+            raise ValueError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
+        return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                          target_modules=targets, task_type="CAUSAL_LM")
+    return None
+
+
+def wrap_for_method(args, model: torch.nn.Module, config: Any = None) -> torch.nn.Module:
+    """Wrap ``model`` for ``args.method`` (``config``: `validate_args`'s, built here if not given)."""
+    if config is None:
+        config = validate_args(args)
+    if args.method.startswith("spiel"):
         if args.match_lora_rank:
-            budget = lora_parameter_count(model, args.match_lora_rank, targets)
-        config = SpielConfig(density=args.density, num_tunable_weights=budget,
-                             target_modules=targets, regrowth=args.method.split("-")[1],
-                             reselection_steps=args.reselection_steps,
-                             accumulation_steps=min(args.accumulation_steps, args.reselection_steps),
-                             initial_reselection_rate=args.initial_reselection_rate,
-                             full_first_reselection=args.full_first_reselection, seed=args.seed)
+            budget = lora_parameter_count(model, args.match_lora_rank, config.target_modules)
+            config = dataclasses.replace(config, num_tunable_weights=budget)
         return get_spiel_model(model, config)
     if args.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                lora_dropout=0.0, target_modules=targets,
-                                                task_type="CAUSAL_LM"))
-    if args.quantize:
-        raise ValueError("--method full cannot train a quantized base; drop --quantize or use spiel-ag/spiel-ma/lora")
+        return get_peft_model(model, config)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -206,15 +231,26 @@ def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Tr
     return trainer
 
 
+def world_size() -> int:
+    """Processes of the launch (torchrun, accelerate, MPI), read from the environment as accelerate
+    does, without creating its distributed state (see `run`)."""
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
 def planned_steps(args, num_sequences: int) -> int:
+    """Optimizer steps the Trainer will take, counted as it does: every rank gets an even share
+    of the batches (accelerate's sharding), and a partial accumulation window is a step."""
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
-    per_epoch = math.ceil(num_sequences / args.batch_size / args.grad_accum)
+    batches_per_rank = math.ceil(math.ceil(num_sequences / args.batch_size) / world_size())
+    per_epoch = math.ceil(batches_per_rank / args.grad_accum)
     return max(1, math.ceil(per_epoch * args.epochs))
 
 
 def check_output(args) -> None:
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {out} is a file, not a folder: choose another --output")
     if out.exists() and any(out.iterdir()) and not args.resume and not args.overwrite:
         raise FileExistsError(f"{out} is not empty: pass --resume to continue that run, --overwrite to start afresh, or another --output")
     if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
@@ -254,8 +290,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is None:
         args.max_steps = DEMO_STEPS if args.data == DEMO else -1
     check_output(args)
-    if args.lr is not None and args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    method_config = validate_args(args)  # before any slow work: bad input fails in seconds
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.quantize)
     train_set, eval_set, eval_records, data_summary = prepare_data(args, tokenizer)
@@ -270,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         before = evaluate(model, tokenizer, eval_records, **evaluation)
         print("before: " + _describe(before))
 
-    model = wrap_for_method(args, model)
+    model = wrap_for_method(args, model, method_config)
     if main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     steps = planned_steps(args, len(train_set))
