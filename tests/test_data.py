@@ -261,6 +261,30 @@ def test_labels_mask_exactly_the_prompt(tiny_tokenizer):
     assert all_ids == input_ids and all_labels == input_ids
 
 
+class _DummyPrefixTokenizer:
+    """A SentencePiece-like tokenizer: every call's text starts with an extra marker token."""
+
+    def __init__(self, inner, marker: int):
+        self.inner, self.marker = inner, marker
+        self.chat_template = inner.chat_template
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.marker, *self.inner(text, add_special_tokens=False)["input_ids"]]}
+
+
+def test_completion_tokens_come_from_the_whole_conversation(tiny_tokenizer):
+    """The answer is tokenised in context: no second dummy prefix at the prompt/answer boundary."""
+    tokenizer = _DummyPrefixTokenizer(tiny_tokenizer, marker=7)
+    messages = conversation("What is 2+2?", "4")
+    input_ids, labels, prompt_len = tokenize_example(messages, tokenizer)
+    full_text = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert input_ids == tokenizer(full_text)["input_ids"]  # one marker, at the start
+    assert tiny_tokenizer.decode(labels[prompt_len:]) == "4<|im_end|>\n"
+
+
 def test_tokenize_requires_chat_template(tiny_tokenizer):
     tiny_tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):

@@ -389,7 +389,10 @@ def tokenize_example(
 
     The prompt is tokenised exactly as generation will see it (chat template with
     ``add_generation_prompt=True``), and the completion is the rest of the rendered conversation
-    (including the end-of-turn token, so the model learns to stop).
+    (including the end-of-turn token, so the model learns to stop). The completion's tokens are
+    those of the whole conversation after the prompt's, as the model meets them in context;
+    only if the tokenizer merges across the boundary (the prompt's tokens are then not a prefix)
+    is the completion tokenised on its own.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -407,8 +410,14 @@ def tokenize_example(
             "follows it, so the completion cannot be separated from the prompt.\n"
             f"prompt: {prompt_text[-200:]!r}\nfull:   {full_text[: len(prompt_text) + 50][-250:]!r}"
         )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    full_ids = list(tokenizer(full_text, add_special_tokens=False)["input_ids"])
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        completion_ids = full_ids[len(prompt_ids) :]
+    else:  # e.g. a SentencePiece dummy prefix or a merge across the boundary
+        completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)[
+            "input_ids"
+        ]
     input_ids = list(prompt_ids) + list(completion_ids)
     labels = (
         list(input_ids)
