@@ -14,7 +14,7 @@ construction; full fine-tuning trains everything). Per method and budget:
 3. the base model without fine-tuning is a row of its own.
 
     python bench/quality.py --data gsm8k                  # the benchmark, rank-16 budget (~2 h)
-    python bench/quality.py --data gsm8k --ranks 16 64    # two budgets (~3.3 h)
+    python bench/quality.py --data gsm8k --ranks 16 64    # two budgets (~3.7 h)
     python bench/quality.py --data gsm8k --resume         # continue an interrupted run
     python bench/quality.py --data demo                   # the built-in date task (~25 min)
     python bench/quality.py --data demo --quick           # smoke run (a few minutes)
@@ -39,9 +39,10 @@ reselection), 3 validation losses on 16 examples per run; 11 test evaluations (b
 x 2 seeds): loss on the answers of 200 test examples and exact match of greedy decoding (200 new
 tokens) on 200. A training run takes ~3.2 min with start-up and validation (~2.5 min of
 training), a test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5
-~ 2 h. A second budget (``--ranks 16 64``) reuses each method's best lr and adds ~1.3 h with
-two seeds; ``--max-steps 96`` (4x the training) adds ~2.5 h. After each run the script prints
-an ETA from the runs it has measured. 24 steps are far from convergence: read the table as
+~ 2 h. A second budget (``--ranks 16 64``) reuses each method's best lr and adds ~1.6 h with
+two seeds (measured: 1h37m for r=64), which takes the whole past the issue's two hours;
+``--max-steps 96`` (4x the training) adds ~2.5 h. After each run the script prints an ETA from
+the runs it has measured. 24 steps are far from convergence: read the table as
 early-training quality at equal parameters.
 """
 

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Which SDDMM path is fastest at which density, measured with bench/sddmm.py on the 2-core CPU:
-# the dense GEMM + gather above DENSE_SDDMM_DENSITY, the row-gather dot products below
-# GATHER_SDDMM_DENSITY, and the CSR sampled matmul in between.
+# Which SDDMM path is fastest at which density (bench/sddmm.py on the 2-core CPU, SmolLM2's
+# shapes, 1024 tokens; bench/results/sddmm.json): the dense GEMM + gather from
+# DENSE_SDDMM_DENSITY up (at 18.4%, 1536 x 576: 9.6 ms against CSR's 10.6), the column gathers
+# below GATHER_SDDMM_DENSITY (at 0.1%: 1.0 ms against 2.4), the CSR sampled matmul in between.
 DENSE_SDDMM_DENSITY = 0.12
-GATHER_SDDMM_DENSITY = 0.0
+GATHER_SDDMM_DENSITY = 0.002
 
 # The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -90,26 +91,26 @@ def csr_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, in
     return torch.sparse.sampled_addmm(pattern, grad_out.T.contiguous(), x, beta=0.0).values()
 
 
-# Elements of the gathered (chunk, tokens) operands materialised at once (16 MB in float32).
+# Elements of the gathered (tokens, chunk) operands materialised at once (16 MB in float32).
 _GATHER_CHUNK = 1 << 22
 
 
 def gather_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
-    """The SDDMM as row gathers: for each index, the dot product of g.T's row and x.T's column.
+    """The SDDMM as column gathers: for each index, sum over tokens of g[:, row] * x[:, col].
 
-    Contiguous (tokens,) rows make each dot product a streaming read; chunks of indices bound
-    the gathered operands to ``_GATHER_CHUNK`` elements.
+    No transposed copy of ``grad_out`` or ``x`` (what puts a floor under the CSR path's cost),
+    so it wins at very low density; chunks of indices bound the gathered (tokens, chunk)
+    operands to ``_GATHER_CHUNK`` elements.
     """
     in_features = shape[1]
     idx = indices.long()
-    g_t, x_t = grad_out.T.contiguous(), x.T.contiguous()
     chunk = max(1, _GATHER_CHUNK // max(1, grad_out.shape[0]))
     out = torch.empty(idx.numel(), dtype=grad_out.dtype, device=grad_out.device)
     for start in range(0, idx.numel(), chunk):
         part = idx[start : start + chunk]
-        rows = g_t.index_select(0, part // in_features)
-        cols = x_t.index_select(0, part % in_features)
-        torch.linalg.vecdot(rows, cols, out=out[start : start + chunk])
+        rows = grad_out.index_select(1, part // in_features)
+        cols = x.index_select(1, part % in_features)
+        torch.sum(rows.mul_(cols), dim=0, out=out[start : start + chunk])
     return out
 
 
