@@ -30,8 +30,9 @@ an interrupted benchmark keeps them and ``--resume`` skips them. At the end: a m
 curves of the final runs in ``bench/results/quality_<data>_curves.png``. Weights and logs of the
 runs go to ``runs/quality_<data>/`` (weights deleted once evaluated unless ``--keep-weights``).
 
-Default budget, about two hours on this project's 2-core CPU (measured, see
-``bench/results/quality_gsm8k.md``): 5 methods at one budget (rank 16: 4,884,480 trainable
+Default budget, about two hours on this project's 2-core CPU (measured with the 2-point grids
+of ``bench/results/quality_gsm8k.md``'s command; the default 3-point grids add 5 trainings,
+~16 min): 5 methods at one budget (rank 16: 4,884,480 trainable
 parameters, 4.6% of the targeted weights); a 2-point lr sweep each (10 trainings) and a second
 seed of each best (5 more); 24 steps at batch 4 (96 examples of a 1000-example pool), SpIEL
 reselecting every 8 steps (updates at 8 and 16, the first a full, gradient-informed
@@ -69,9 +70,12 @@ GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 METHODS = ("spiel-ag", "spiel-ma", "lora", "shira", "full")
 LABELS = {"base": "base (no fine-tuning)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA",
           "lora": "LoRA", "shira": "SHiRA", "full": "full fine-tuning"}
-DEFAULT_GRID = {  # the paper's grids, scaled to short runs; SpIEL-MA uses SM3 (larger steps)
-    "spiel-ag": [1e-3, 3e-4], "spiel-ma": [5e-3, 1.5e-3], "lora": [1e-3, 3e-4],
-    "shira": [1e-3, 3e-4], "full": [3e-5, 1e-5],
+# The paper's grids, scaled to short runs (SpIEL-MA uses SM3: larger steps). Three points each:
+# the measured run had the lower two, and its edge check found LoRA's and full fine-tuning's
+# best one step above them (bench/results/quality_gsm8k_lr_edge.md).
+DEFAULT_GRID = {
+    "spiel-ag": [3e-3, 1e-3, 3e-4], "spiel-ma": [1.5e-2, 5e-3, 1.5e-3],
+    "lora": [3e-3, 1e-3, 3e-4], "shira": [3e-3, 1e-3, 3e-4], "full": [1e-4, 3e-5, 1e-5],
 }
 DATA = {  # extractor, max new tokens, max length
     "gsm8k": {"extractor": "last_number", "max_new_tokens": 200, "max_length": 384},
