@@ -418,7 +418,7 @@ def tokenize_example(
         completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)[
             "input_ids"
         ]
-    input_ids = list(prompt_ids) + list(completion_ids)
+    input_ids = prompt_ids + list(completion_ids)
     labels = (
         list(input_ids)
         if train_on_prompt

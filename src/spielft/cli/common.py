@@ -16,7 +16,7 @@ import torch
 from ..data import load_records
 from ..default_model import load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
-from ..files import apply_umask_mode
+from ..files import apply_umask_mode, atomic_write
 from ..model import ADAPTER_CONFIG_NAME, SpielModel
 
 DEMO = "demo"
@@ -133,3 +133,9 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, written atomically (never half a file)."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..data import CausalLMCollator, tokenize_records
 from ..evaluation import evaluate_exact_match, evaluate_loss
-from ..files import atomic_write
 from .common import (
     add_model_arguments,
     apply_adapter,
@@ -16,6 +14,7 @@ from .common import (
     eval_records,
     load_model,
     parse_fields,
+    write_json,
 )
 
 HELP = "Held-out loss and exact-match accuracy of a model, with or without an adapter."
@@ -70,5 +69,5 @@ def run(args) -> int:
         line += f"  exact match: {100 * metrics['exact_match']:.1f}%"
     print(line)
     if output is not None:
-        atomic_write(output, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+        write_json(output, metrics)
     return 0

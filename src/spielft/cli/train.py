@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,6 @@ from transformers.trainer_callback import ProgressCallback
 from ..config import SpielConfig
 from ..data import CausalLMCollator, load_records, tokenize_records, train_val_split
 from ..demo_data import demo_dataset
-from ..files import atomic_write
 from ..model import SpielModel, get_spiel_model
 from ..trainer import SpielTrainer
 from .common import (
@@ -35,6 +33,7 @@ from .common import (
     default_max_new_tokens,
     load_model,
     parse_fields,
+    write_json,
 )
 from .evaluate import evaluate
 from .plots import plot_delta_distribution, plot_loss_curves
@@ -269,11 +268,6 @@ def remove_previous_checkpoints(out: Path) -> list[Path]:
     for folder in stale:
         shutil.rmtree(folder)
     return stale
-
-
-def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # -- the recipe ----------------------------------------------------------------------------------------
