@@ -35,13 +35,17 @@ of ``bench/results/quality_gsm8k.md``'s command; the default 3-point grids add 5
 ~16 min): 5 methods at one budget (rank 16: 4,884,480 trainable
 parameters, 4.6% of the targeted weights); a 2-point lr sweep each (10 trainings) and a second
 seed of each best (5 more); 24 steps at batch 4 (96 examples of a 1000-example pool), SpIEL
-reselecting every 8 steps (updates at 8 and 16, the first a full, gradient-informed
-reselection), 3 validation losses on 16 examples per run; 11 test evaluations (base + 5 methods
-x 2 seeds): loss on the answers of 200 test examples and exact match of greedy decoding (200 new
-tokens) on 200. A training run takes ~3.2 min with start-up and validation (~2.5 min of
-training), a test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5
-~ 2 h. A second budget (``--ranks 16 64``) reuses each method's best lr and adds ~1.6 h with
-two seeds (measured: 1h37m for r=64), which takes the whole past the issue's two hours;
+reselecting every 8 steps (updates at 8 and 16, dropping 13% and 7% of each matrix's indices;
+``--full-first-reselection`` makes the first drop all of them, the reference's schedule),
+3 validation losses on 16 examples per run; 11 test evaluations (base + 5 methods x 2 seeds):
+loss on the answers of 200 test examples and exact match of greedy decoding (200 new tokens) on
+200, each on the merged model in ``--eval-dtype`` (float32; bfloat16 decodes ~1.7x faster on
+this CPU). A training run takes ~3.2 min with start-up and validation (~2.5 min of training), a
+float32 test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5 ~ 2 h.
+A second budget (``--ranks 16 64``) sweeps again, since best rates move with the budget
+(measured from r=16 to r=64: SpIEL-AG 3e-3 to 1e-3, SpIEL-MA 1.5e-2 to 5e-3, LoRA 3e-3 to
+1e-3), and adds ~2 h with two seeds; ``--reuse-best-lr`` reuses the first budget's best rates
+instead (~1.6 h; measured 1h37m for r=64). Either way the whole is past the issue's two hours.
 ``--max-steps 96`` (4x the training) adds ~2.5 h. After each run the script prints an ETA from
 the runs it has measured. 24 steps are far from convergence: read the table as
 early-training quality at equal parameters.
@@ -91,7 +95,8 @@ SPLIT_SEED = 0  # the validation split is the same for every run and seed
 # Settings that change results: --resume refuses a results file made with other values.
 RESULT_SETTINGS = ("data", "train_examples", "val_examples", "max_steps", "batch_size",
                    "max_length", "eval_points", "test_loss_examples", "test_em_examples",
-                   "max_new_tokens", "extractor", "reselection_steps", "no_full_first_reselection")
+                   "max_new_tokens", "extractor", "reselection_steps", "full_first_reselection",
+                   "first_reselection_step", "eval_dtype")
 
 
 # -- data (the same in every process) ------------------------------------------------------------
@@ -136,8 +141,10 @@ def _recipe_args(s: dict, method: str, lr: float, seed: int, output: Path) -> ar
         argv += ["--match-lora-rank", str(s["rank"])]
         if s.get("reselection_steps"):
             argv += ["--reselection-steps", str(s["reselection_steps"])]
-        if s.get("no_full_first_reselection"):
-            argv += ["--no-full-first-reselection"]
+        if s.get("full_first_reselection"):
+            argv += ["--full-first-reselection"]
+        if s.get("first_reselection_step"):
+            argv += ["--first-reselection-step", str(s["first_reselection_step"])]
     elif method in ("lora", "shira"):
         argv += ["--lora-rank", str(s["rank"])]
     return parser.parse_args(argv)
@@ -206,6 +213,8 @@ def worker_train(s: dict) -> dict:
 
 def worker_test(s: dict) -> dict:
     _setup_child(s)
+    import torch
+
     from spielft.cli.common import apply_adapter, load_model
     from spielft.cli.evaluate import evaluate
     from spielft.data import tokenize_records
@@ -217,13 +226,18 @@ def worker_test(s: dict) -> dict:
     else:
         model, tokenizer = load_model(None)
         model = apply_adapter(model, weights)  # spielft or peft (LoRA, SHiRA); None: the base
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
     _, val_records, test_records = load_data(s)
     out: dict[str, Any] = {}
     if s.get("with_val"):  # the base model's validation loss: step 0 of every curve
         args = _recipe_args(s, "full", 1e-5, s["seed"], Path(s["run_dir"]))
         val_set, _ = tokenize_records(_by_length(val_records), tokenizer, max_length=s["max_length"])
         trainer = _trainer(s, args, model, tokenizer, val_set, val_set)
-        out["val_loss"] = trainer.evaluate()["eval_loss"]
+        out["val_loss"] = trainer.evaluate()["eval_loss"]  # float32, like the trainings' ones
+    # Merged in float32, then cast (--eval-dtype bfloat16 is faster on CPUs with AVX512-BF16 or
+    # AMX); every method is scored as the same plain model.
+    model.to(getattr(torch, s["eval_dtype"]))
     start = time.perf_counter()
     loss = evaluate(model, tokenizer, _by_length(test_records[: s["test_loss_examples"]]),
                     extractor=s["extractor"], max_new_tokens=s["max_new_tokens"],
@@ -322,9 +336,9 @@ class Bench:
                 if m != "full" or i == 0]
 
     def grid(self, method: str, rank: int, planning: bool = False) -> list[float]:
-        """Learning rates to try: the sweep at the first budget; later budgets reuse its best."""
+        """Learning rates to try: the sweep (at every budget unless ``--reuse-best-lr``)."""
         first = self.cfg.ranks[0]
-        if self.cfg.sweep_every_budget or method == "full" or rank == first:
+        if not self.cfg.reuse_best_lr or method == "full" or rank == first:
             return self.cfg.lr_grid[method]
         best = None if planning else self.best_lr(method, first)
         return [best] if best is not None else self.cfg.lr_grid[method][:1]
@@ -662,14 +676,20 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
                              + ", one lr per method; explicit flags still win")
-    budget.add_argument("--no-full-first-reselection", action="store_const", const=True, default=None,
-                        help="SpIEL: the first update drops only the scheduled share (an ablation)")
+    budget.add_argument("--full-first-reselection", action="store_const", const=True, default=None,
+                        help="SpIEL: the first update drops the whole random start (the reference "
+                             "code's schedule; an ablation)")
+    budget.add_argument("--first-reselection-step", type=int, default=None,
+                        help="SpIEL: step of the first reselection (default: --reselection-steps)")
+    budget.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the test evaluations (the merged model is cast to it); "
+                             "bfloat16 decodes ~1.7x faster on CPUs with AVX512-BF16/AMX")
     budget.add_argument("--sweep-only", action="store_true",
                         help="train the sweep and the seeds, scored on validation only: no test "
                              "evaluations (for ablations)")
-    budget.add_argument("--sweep-every-budget", action="store_true",
-                        help="sweep the lr grid at every rank (default: at the first rank only; "
-                             "larger budgets reuse each method's best lr)")
+    budget.add_argument("--reuse-best-lr", action="store_true",
+                        help="sweep at the first rank only; larger budgets reuse each method's "
+                             "best lr (cheaper, but best rates move with the budget)")
     run = p.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all)")
     run.add_argument("--loss-batch-size", type=int, default=8)

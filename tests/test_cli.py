@@ -199,13 +199,13 @@ def test_train_options_reach_the_spiel_config(tiny_tokenizer):
     recipe.add_arguments(parser)
     model = make_tiny_llama(tiny_tokenizer)
     args = parser.parse_args(["--method", "spiel-ma", "--reselection-steps", "8",
-                              "--no-full-first-reselection"])
+                              "--first-reselection-step", "2", "--full-first-reselection"])
     config = recipe.wrap_for_method(args, model).peft_config["default"]
-    assert (config.regrowth, config.reselection_steps) == ("ma", 8)
-    assert config.full_first_reselection is False
+    assert (config.regrowth, config.reselection_steps, config.first_reselection_step) == ("ma", 8, 2)
+    assert config.full_first_reselection is True
     default = parser.parse_args(["--method", "spiel-ag"])
     assert recipe.wrap_for_method(default, make_tiny_llama(tiny_tokenizer)).peft_config[
-        "default"].full_first_reselection is True
+        "default"].full_first_reselection is False
 
 
 def test_planned_steps_counts_the_processes(monkeypatch):
@@ -242,18 +242,22 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
                            ("max_steps: 0.5\n", ["max_steps", "expected int", "0.5"]),
                            ("lr: fast\n", ["lr", "expected float", "'fast'"]),
                            ("packing: 3\n", ["packing", "true or false"]),
+                           ("full_first_reselection: yes please\n",
+                            ["full_first_reselection", "true or false"]),
                            ("help: true\n", ["unknown option(s) ['help']"])]:
         config.write_text(text)
         assert main(["train", "--config", str(config)]) == 2, text
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(part in err for part in expected), err
     # Values are converted as the flags' are: YAML reads 1e-3 as a string.
-    config.write_text("lr: 1e-3\nmax_steps: 7\nquantize: null\ntarget_modules: q_proj\nresume: true\n")
+    config.write_text("lr: 1e-3\nmax_steps: 7\nquantize: null\ntarget_modules: q_proj\nresume: true\n"
+                      "full_first_reselection: true\n")
     parser, commands = build_parser()
     argv = ["train", "--config", str(config), "--max-steps", "9"]
     args = apply_config_file(parser, commands["train"], argv, parser.parse_args(argv))
     assert (args.lr, args.max_steps, args.quantize) == (1e-3, 9, None)  # the flag still wins
     assert args.target_modules == ["q_proj"] and args.resume == "latest"
+    assert args.full_first_reselection is True
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -262,6 +266,7 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--density", "0"], "SpielConfig.density"),
     (["--method", "spiel-ma", "--reselection-steps", "0"], "SpielConfig.reselection_steps"),
     (["--initial-reselection-rate", "2"], "SpielConfig.initial_reselection_rate"),
+    (["--first-reselection-step", "0"], "SpielConfig.first_reselection_step"),
     (["--match-lora-rank", "0"], "--match-lora-rank must be a positive integer"),
     (["--method", "lora", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
 ])

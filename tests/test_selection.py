@@ -198,3 +198,40 @@ def test_index_invariants_after_many_updates(regrowth, k, rate, full_first, seed
             assert len(new) == int(stats["spiel/indices_changed"])
             assert not (new & kept)
         del values_before
+
+
+def test_first_reselection_step_moves_the_first_update_and_its_window():
+    model, delta = _one_layer("ag", k=4, reselection_steps=4, accumulation_steps=2,
+                              first_reselection_step=1, full_first_reselection=True)
+    opt = model.create_optimizer(lr=1e-2)
+    selector = model.create_selector(opt, total_steps=14)
+    assert [selector.next_update_step(s) for s in (0, 1, 4, 5, 8, 9)] == [1, 5, 5, 9, 9, 13]
+    assert delta.grad_capture is not None  # the window of the step-1 update opens at once
+    updates = []
+    for _ in range(14):
+        _backward_with_weight_grad(model, torch.randn(3, 4))
+        stats = _step(opt, selector)
+        if stats is not None:
+            updates.append((selector.step_count, stats["spiel/reselection_rate"]))
+    assert [s for s, _ in updates] == [1, 5, 9, 13]
+    assert updates[0][1] == 1.0 and updates[1][1] == pytest.approx(0.5 * (1 - 5 / 14))
+
+
+@pytest.mark.parametrize("bad", [0, -2, True])
+def test_first_reselection_step_must_be_positive(bad):
+    with pytest.raises(ValueError, match="first_reselection_step"):
+        SpielConfig(first_reselection_step=bad)
+
+
+def test_seeded_moments_are_the_mean_over_a_first_window_cut_short():
+    model, delta = _one_layer("ag", k=3, reselection_steps=4, accumulation_steps=3,
+                              first_reselection_step=1, full_first_reselection=True,
+                              ag_seed_optimizer_state=True)
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=100)
+    grad = torch.arange(12, dtype=torch.float32).view(3, 4)
+    _backward_with_weight_grad(model, grad)
+    assert _step(opt, selector)["spiel/reselection_rate"] == 1.0
+    assert delta.indices.tolist() == [9, 10, 11]
+    # One step was accumulated, not accumulation_steps=3: the mean is the gradient itself.
+    assert opt.state[delta.values]["exp_avg"].tolist() == pytest.approx([9.0, 10.0, 11.0])

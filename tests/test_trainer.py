@@ -118,7 +118,7 @@ class _CountingCallback(SpielCallback):
 # -- training --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("regrowth", ["ag", "ma"])
 def test_spiel_trainer_trains_and_steps_selector_once_per_optimizer_step(tmp_path, regrowth):
-    model = _tiny_spiel(regrowth)
+    model = _tiny_spiel(regrowth, full_first_reselection=True)
     before = _snapshot(model)
     budget = sum(d.values.numel() for d in model.sparse_deltas().values())
     counter = _CountingCallback()

@@ -168,7 +168,9 @@ class SpielSelector:
     # -- schedule ------------------------------------------------------------------------------
     def next_update_step(self, after: int) -> int | None:
         """The first update step strictly after ``after``, or None if the schedule is over."""
-        step = (after // self.config.reselection_steps + 1) * self.config.reselection_steps
+        every = self.config.reselection_steps
+        first = self.config.first_reselection_step or every
+        step = first if after < first else first + ((after - first) // every + 1) * every
         return step if step < self.total_steps else None
 
     def rate_at(self, step: int) -> float:
@@ -222,10 +224,7 @@ class SpielSelector:
         """Count one optimizer step; run an update when one is due. Returns its statistics."""
         self.step_count += 1
         result = None
-        if (
-            self.step_count % self.config.reselection_steps == 0
-            and self.step_count < self.total_steps
-        ):
+        if self.next_update_step(self.step_count - 1) == self.step_count:
             result = self.update()
         self._arm()
         return result
@@ -282,7 +281,9 @@ class SpielSelector:
         grown = acc.candidates[chosen]
         init = None
         if self.config.ag_seed_optimizer_state:
-            mean = grad_sum[chosen] / self.config.accumulation_steps
+            # The window is shorter than accumulation_steps when an early first update cuts it.
+            since_last = self.step_count if self.num_updates == 0 else self.config.reselection_steps
+            mean = grad_sum[chosen] / min(self.config.accumulation_steps, since_last)
             init = {"exp_avg": mean, "exp_avg_sq": mean * mean}
         return grown, init
 

@@ -65,10 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--match-lora-rank", type=int, default=None, help="SpIEL: budget = LoRA rank R's parameter count")
     method.add_argument("--lora-rank", type=int, default=16)
     method.add_argument("--reselection-steps", type=int, default=20)
+    method.add_argument("--first-reselection-step", type=int, default=None,
+                        help="SpIEL: step of the first update (default: --reselection-steps)")
     method.add_argument("--accumulation-steps", type=int, default=5)
     method.add_argument("--initial-reselection-rate", type=float, default=0.2)
-    method.add_argument("--no-full-first-reselection", dest="full_first_reselection", action="store_false",
-                        help="SpIEL: the first update drops only the scheduled share, not the whole random start")
+    method.add_argument("--full-first-reselection", action=argparse.BooleanOptionalAction, default=False,
+                        help="SpIEL: the first update drops the whole random start, not only the scheduled share")
     method.add_argument("--target-modules", nargs="*", default=None, help="module names (default: every linear layer of the blocks)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=None, help="default: 1e-3 (spiel-ag), 5e-3 (spiel-ma, SM3), 5e-4 (lora), 2e-5 (full)")
@@ -143,6 +145,7 @@ def validate_args(args) -> Any:
         return SpielConfig(density=args.density, num_tunable_weights=budget,
                            target_modules=targets, regrowth=args.method.split("-")[1],
                            reselection_steps=args.reselection_steps,
+                           first_reselection_step=args.first_reselection_step,
                            accumulation_steps=min(args.accumulation_steps, args.reselection_steps),
                            initial_reselection_rate=args.initial_reselection_rate,
                            full_first_reselection=args.full_first_reselection, seed=args.seed)
