@@ -39,8 +39,8 @@ reselecting every 8 steps (updates at 8 and 16, dropping 13% and 7% of each matr
 ``--full-first-reselection`` makes the first drop all of them, the reference's schedule),
 3 validation losses on 16 examples per run; 11 test evaluations (base + 5 methods x 2 seeds):
 loss on the answers of 200 test examples and exact match of greedy decoding (200 new tokens) on
-200, each on the merged model in ``--eval-dtype`` (float32; bfloat16 decodes ~1.7x faster on
-this CPU). A training run takes ~3.2 min with start-up and validation (~2.5 min of training), a
+200, each on the merged model in ``--eval-dtype`` (float32; bfloat16 makes a test evaluation
+2-2.5x faster on this CPU for +0.001 of loss: ``bench/results/quality_gsm8k_base_bf16_eval.md``). A training run takes ~3.2 min with start-up and validation (~2.5 min of training), a
 float32 test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5 ~ 2 h.
 A second budget (``--ranks 16 64``) sweeps again, since best rates move with the budget
 (measured from r=16 to r=64: SpIEL-AG 3e-3 to 1e-3, SpIEL-MA 1.5e-2 to 5e-3, LoRA 3e-3 to
@@ -683,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SpIEL: step of the first reselection (default: --reselection-steps)")
     budget.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the test evaluations (the merged model is cast to it); "
-                             "bfloat16 decodes ~1.7x faster on CPUs with AVX512-BF16/AMX")
+                             "bfloat16 is 2-2.5x faster on CPUs with AVX512-BF16/AMX")
     budget.add_argument("--sweep-only", action="store_true",
                         help="train the sweep and the seeds, scored on validation only: no test "
                              "evaluations (for ablations)")
