@@ -18,6 +18,7 @@ import traceback
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import LlamaForCausalLM
 
 import tiny_models  # tests/, the script's folder (sys.path[0] under torchrun)
@@ -112,7 +113,6 @@ def train(
 # -- scenarios (each rank runs them all, in the same order) --------------------------------------
 def _corrupt_rank1(step, spiel, selector):
     """Before the first update, give rank 1 a different index set in one matrix."""
-    import torch.distributed as dist
 
     if step == 3 and dist.get_rank() == 1:
         delta = next(iter(spiel.sparse_deltas().values()))
@@ -123,7 +123,6 @@ def _corrupt_rank1(step, spiel, selector):
 
 def _extra_micro_batch_rank1(step, spiel, selector):
     """In the AG window before the first update, rank 1 runs one more backward."""
-    import torch.distributed as dist
 
     if step == 3 and dist.get_rank() == 1:
         ids = batches(1, 1, seed=5)[0][0][:2]
@@ -170,7 +169,6 @@ def _capture(fn) -> str:
 
 
 def main(out_dir: str) -> None:
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -315,6 +313,10 @@ def trainer_main(out_dir: str) -> None:
         raise
     finally:
         torch.save(results, os.path.join(out_dir, f"trainer-rank{rank}.pt"))
+        # The Trainer leaves its process group up; gloo's threads must stop before the
+        # interpreter does, or exit can abort ("terminate called without an active exception").
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def trainer_fsdp(out_dir: str) -> None:
