@@ -40,7 +40,8 @@ reselecting every 8 steps (updates at 8 and 16, dropping 13% and 7% of each matr
 3 validation losses on 16 examples per run; 11 test evaluations (base + 5 methods x 2 seeds):
 loss on the answers of 200 test examples and exact match of greedy decoding (200 new tokens) on
 200, each on the merged model in ``--eval-dtype`` (float32; bfloat16 makes a test evaluation
-2-2.5x faster on this CPU for +0.001 of loss: ``bench/results/quality_gsm8k_base_bf16_eval.md``). A training run takes ~3.2 min with start-up and validation (~2.5 min of training), a
+2-2.5x faster on this CPU for +0.001 of loss: ``bench/results/quality_gsm8k_base_bf16_eval.md``).
+A training run takes ~3.2 min with start-up and validation (~2.5 min of training), a
 float32 test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5 ~ 2 h.
 A second budget (``--ranks 16 64``) sweeps again, since best rates move with the budget
 (measured from r=16 to r=64: SpIEL-AG 3e-3 to 1e-3, SpIEL-MA 1.5e-2 to 5e-3, LoRA 3e-3 to
@@ -270,6 +271,16 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def _stored_settings(settings: dict) -> dict:
+    """A results file's settings as today's flags would spell them: files written before a
+    setting existed ran with that setting's default of the time."""
+    out = dict(settings)
+    if "full_first_reselection" not in out:  # then the default, unless the ablation flag was on
+        out["full_first_reselection"] = None if out.pop("no_full_first_reselection", None) else True
+    out.setdefault("eval_dtype", "float32")
+    return out
+
+
 def _budget(method: str, rank: int) -> str:
     return "all" if method == "full" else f"r{rank}"
 
@@ -292,8 +303,8 @@ class Bench:
             if not (cfg.resume or cfg.report_only):
                 raise SystemExit(f"{self.path} exists ({len(self.state['runs'])} finished runs): pass "
                                  "--resume to continue it, --overwrite to start afresh, or --output")
-            diff = {k: (self.state["settings"].get(k), v) for k, v in self.settings.items()
-                    if self.state["settings"].get(k) != v}
+            stored = _stored_settings(self.state["settings"])
+            diff = {k: (stored.get(k), v) for k, v in self.settings.items() if stored.get(k) != v}
             if diff and not cfg.report_only:
                 raise SystemExit(f"--resume: {self.path} was made with other settings "
                                  f"(stored, now): {diff}; use the same flags, or another --output")

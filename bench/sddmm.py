@@ -10,9 +10,10 @@ For each (out, in) shape and density, times side by side (interleaved, median of
   summed over tokens (``spielft.ops.gather_sddmm``, chunked);
 * ``dense``: the full ``g.T @ x`` GEMM, then a gather of the k entries;
 
-and prints each one's time and the ratio to ``dense`` (and writes them to ``--output``). `spielft.ops.sddmm` picks among them by
-density with the thresholds in `spielft.ops` (``GATHER_SDDMM_DENSITY``, ``DENSE_SDDMM_DENSITY``),
-which come from this script's output on the project's 2-core CPU.
+and prints each one's time and the ratio to ``dense`` (and writes them to ``--output``).
+`spielft.ops.sddmm` picks among them by density with the thresholds in `spielft.ops`
+(``GATHER_SDDMM_DENSITY``, ``DENSE_SDDMM_DENSITY``), which come from this script's output on the
+project's 2-core CPU.
 """
 
 from __future__ import annotations

@@ -113,7 +113,6 @@ def train(
 # -- scenarios (each rank runs them all, in the same order) --------------------------------------
 def _corrupt_rank1(step, spiel, selector):
     """Before the first update, give rank 1 a different index set in one matrix."""
-
     if step == 3 and dist.get_rank() == 1:
         delta = next(iter(spiel.sparse_deltas().values()))
         k, numel = delta.indices.numel(), delta.numel_dense
@@ -123,7 +122,6 @@ def _corrupt_rank1(step, spiel, selector):
 
 def _extra_micro_batch_rank1(step, spiel, selector):
     """In the AG window before the first update, rank 1 runs one more backward."""
-
     if step == 3 and dist.get_rank() == 1:
         ids = batches(1, 1, seed=5)[0][0][:2]
         spiel(input_ids=ids, labels=ids).loss.backward()
@@ -169,7 +167,6 @@ def _capture(fn) -> str:
 
 
 def main(out_dir: str) -> None:
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
