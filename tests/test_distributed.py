@@ -226,3 +226,32 @@ def test_fingerprint_tells_index_sets_apart():
     # same count and same sum of positions: a linear hash would collide
     assert not torch.equal(fingerprint(torch.tensor([4, 9, 2**40 + 7])), fingerprint(a))
     assert not torch.equal(fingerprint(a[:2]), fingerprint(a))
+
+
+def _single_process_group(tmp_path: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+
+def test_destroy_process_groups_tears_down_the_default_group(tmp_path):
+    from spielft.distributed import destroy_process_groups
+
+    destroy_process_groups()  # nothing to tear down: a no-op
+    _single_process_group(tmp_path)
+    assert dist.is_initialized()
+    destroy_process_groups()
+    assert not dist.is_initialized()
+
+
+def test_train_recipe_destroys_the_process_group_even_when_it_fails(tmp_path, monkeypatch):
+    # The Trainer leaves the group up; a group alive at interpreter exit can abort a finished
+    # torchrun/accelerate run with a failed exit status.
+    from spielft.cli import train as recipe
+
+    def failing_train(args):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(recipe, "_train", failing_train)
+    _single_process_group(tmp_path)
+    with pytest.raises(RuntimeError, match="training failed"):
+        recipe.run(None)
+    assert not dist.is_initialized()

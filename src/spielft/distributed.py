@@ -36,6 +36,7 @@ __all__ = [
     "UnsupportedParallelismError",
     "agreement",
     "all_reduce_mean_",
+    "destroy_process_groups",
     "fingerprint",
     "refuse_unsupported",
     "selection_group",
@@ -67,6 +68,18 @@ def selection_group() -> Any | None:
         _GROUP_CACHE["default"] = default
         _GROUP_CACHE["group"] = dist.new_group()
     return _GROUP_CACHE["group"]
+
+
+def destroy_process_groups() -> None:
+    """Tear down the default process group (and with it the selector's), if there is one.
+
+    For launchers' entry points: a gloo/NCCL group still up when the interpreter exits can
+    abort the process ("terminate called without an active exception") after the work is done,
+    turning a finished run into a failed exit status.
+    """
+    _GROUP_CACHE.clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_mean_(tensor: Tensor, group: Any) -> Tensor:

@@ -24,6 +24,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..config import SpielConfig
 from ..data import CausalLMCollator, load_records, tokenize_records, train_val_split
 from ..demo_data import demo_dataset
+from ..distributed import destroy_process_groups
 from ..model import SpielModel, get_spiel_model
 from ..trainer import SpielTrainer
 from .common import (
@@ -281,6 +282,13 @@ DEMO_STEPS = 120  # measured: 0% -> 96% exact match on the demo task, under 8 mi
 
 def run(args: argparse.Namespace) -> int:
     """Train; under torchrun/accelerate every rank trains, the main process evaluates and writes."""
+    try:
+        return _train(args)
+    finally:
+        destroy_process_groups()  # the Trainer leaves the group up; see its docstring
+
+
+def _train(args: argparse.Namespace) -> int:
     # Not accelerate's PartialState here: created before the Trainer's, it would pin the
     # (CPU) run to a single process. torchrun and accelerate launch both set RANK.
     main_process = int(os.environ.get("RANK", "0")) == 0
