@@ -64,6 +64,21 @@ def test_ag_drops_smallest_and_regrows_largest_accumulated_gradient():
     assert delta.grad_capture is None  # window closed
 
 
+def test_ag_window_stores_candidates_as_int32():
+    # 8 bytes a candidate (int32 position + float32 sum) while a window is open, not 12.
+    model, delta = _one_layer("ag", k=3)
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    _backward_with_weight_grad(model, torch.ones(3, 4))
+    _step(opt, selector)
+    _backward_with_weight_grad(model, torch.arange(12.0).view(3, 4))
+    acc = selector.accumulators["0"]
+    assert acc.candidates.dtype == torch.int32 and acc.grad_sum.dtype == torch.float32
+    assert acc.candidates.numel() == 3
+    stats = _step(opt, selector)
+    assert stats["spiel/indices_changed"] >= 1 and delta.indices.dtype == torch.int32
+
+
 def test_ma_regrows_top_row_times_col_over_inactive_positions():
     model, delta = _one_layer("ma", k=3)
     delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
