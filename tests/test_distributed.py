@@ -247,11 +247,24 @@ def test_train_recipe_destroys_the_process_group_even_when_it_fails(tmp_path, mo
     # torchrun/accelerate run with a failed exit status.
     from spielft.cli import train as recipe
 
-    def failing_train(args):
+    def failing_train(args):  # the Trainer creates the group, then training fails
+        _single_process_group(tmp_path)
         raise RuntimeError("training failed")
 
     monkeypatch.setattr(recipe, "_train", failing_train)
-    _single_process_group(tmp_path)
     with pytest.raises(RuntimeError, match="training failed"):
         recipe.run(None)
     assert not dist.is_initialized()
+
+
+def test_train_recipe_leaves_a_group_it_did_not_create(tmp_path, monkeypatch):
+    from spielft.cli import train as recipe
+    from spielft.distributed import destroy_process_groups
+
+    monkeypatch.setattr(recipe, "_train", lambda args: 0)
+    _single_process_group(tmp_path)
+    try:
+        assert recipe.run(None) == 0
+        assert dist.is_initialized()  # the caller's group: theirs to destroy
+    finally:
+        destroy_process_groups()

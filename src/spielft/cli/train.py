@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import get_int_from_env
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
@@ -282,10 +283,12 @@ DEMO_STEPS = 120  # measured: 0% -> 96% exact match on the demo task, under 8 mi
 
 def run(args: argparse.Namespace) -> int:
     """Train; under torchrun/accelerate every rank trains, the main process evaluates and writes."""
+    caller_group = dist.is_available() and dist.is_initialized()
     try:
         return _train(args)
     finally:
-        destroy_process_groups()  # the Trainer leaves the group up; see its docstring
+        if not caller_group:  # the Trainer's group, which it leaves up: see the docstring
+            destroy_process_groups()
 
 
 def _train(args: argparse.Namespace) -> int:
