@@ -97,7 +97,7 @@ SPLIT_SEED = 0  # the validation split is the same for every run and seed
 RESULT_SETTINGS = ("data", "train_examples", "val_examples", "max_steps", "batch_size",
                    "max_length", "eval_points", "test_loss_examples", "test_em_examples",
                    "max_new_tokens", "extractor", "reselection_steps", "full_first_reselection",
-                   "first_reselection_step", "eval_dtype")
+                   "first_reselection_step", "eval_dtype", "spiel_args")
 
 
 # -- data (the same in every process) ------------------------------------------------------------
@@ -146,6 +146,7 @@ def _recipe_args(s: dict, method: str, lr: float, seed: int, output: Path) -> ar
             argv += ["--full-first-reselection"]
         if s.get("first_reselection_step"):
             argv += ["--first-reselection-step", str(s["first_reselection_step"])]
+        argv += shlex.split(s.get("spiel_args") or "")
     elif method in ("lora", "shira"):
         argv += ["--lora-rank", str(s["rank"])]
     return parser.parse_args(argv)
@@ -278,6 +279,7 @@ def _stored_settings(settings: dict) -> dict:
     if "full_first_reselection" not in out:  # then the default, unless the ablation flag was on
         out["full_first_reselection"] = None if out.pop("no_full_first_reselection", None) else True
     out.setdefault("eval_dtype", "float32")
+    out.setdefault("spiel_args", None)
     return out
 
 
@@ -335,7 +337,7 @@ class Bench:
 
     def plan(self) -> tuple[int, int]:
         """(trainings, test evaluations) that the whole benchmark needs."""
-        trainings, tests = 0, 1
+        trainings, tests = 0, 0 if self.cfg.no_base else 1
         for method, rank in self.cells():
             trainings += len(self.grid(method, rank, planning=True)) + len(self.cfg.seeds) - 1
             tests += len(self.cfg.seeds)
@@ -467,7 +469,7 @@ class Bench:
         print(f"plan: {trainings} trainings ({len(self.cells())} method/budget cells, lr sweep with "
               f"seed {cfg.seeds[0]}, then seeds {cfg.seeds[1:]}), {tests} test evaluations; "
               f"results: {self.path}", flush=True)
-        if not cfg.sweep_only:
+        if not cfg.sweep_only and not cfg.no_base:
             print(f"[{LABELS['base']}]", flush=True)
             self.test("base", 0, 0.0, cfg.seeds[0])
         for method, rank in self.cells():
@@ -692,12 +694,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "code's schedule; an ablation)")
     budget.add_argument("--first-reselection-step", type=int, default=None,
                         help="SpIEL: step of the first reselection (default: --reselection-steps)")
+    budget.add_argument("--spiel-args", default=None, metavar="FLAGS",
+                        help="more `spielft train` flags for the SpIEL runs, as one string (for "
+                             "ablations, e.g. \"--initial-reselection-rate 0.4\")")
     budget.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the test evaluations (the merged model is cast to it); "
                              "bfloat16 is 2-2.5x faster on CPUs with AVX512-BF16/AMX")
     budget.add_argument("--sweep-only", action="store_true",
                         help="train the sweep and the seeds, scored on validation only: no test "
                              "evaluations (for ablations)")
+    budget.add_argument("--no-base", action="store_true",
+                        help="skip the base model's test evaluation (when another results file "
+                             "has it: more seeds of an ablation)")
     budget.add_argument("--reuse-best-lr", action="store_true",
                         help="sweep at the first rank only; larger budgets reuse each method's "
                              "best lr (cheaper, but best rates move with the budget)")

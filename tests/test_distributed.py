@@ -133,7 +133,7 @@ def test_divergent_indices_fail_loudly_on_every_rank(ddp_results):
 @needs_gloo
 def test_mismatched_ag_statistics_fail_before_being_mixed(ddp_results):
     for rank in ddp_results:
-        assert rank["uneven"].startswith("RuntimeError: SpIEL AG statistics differ across ranks")
+        assert rank["uneven"].startswith("RuntimeError: SpIEL selection statistics differ across ranks")
 
 
 @needs_gloo

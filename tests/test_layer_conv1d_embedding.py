@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from recording_capture import RecordingCapture
 from spielft import SpielConfig, SpielModel, get_spiel_model
 from spielft.layer import SparseDelta, SpielConv1D, SpielEmbedding, random_indices, wrap_module
 from spielft.model import find_target_modules
@@ -72,15 +73,18 @@ def test_conv1d_captured_dense_gradient_is_in_the_stored_layout():
     torch.manual_seed(1)
     weight = torch.randn(24, 48, dtype=torch.float64)
     delta = _delta((24, 48), 40)
-    captured = []
+    capture = RecordingCapture(dense=True, inputs=True)
     x = torch.randn(7, 24, dtype=torch.float64)
     values = delta.values.detach().clone().requires_grad_(True)
-    out = sparse_delta_linear(x, weight, None, delta.indices, values, [captured.append],
+    out = sparse_delta_linear(x, weight, None, delta.indices, values, [capture],
                               transposed=True)
     g = torch.randn_like(out)
     out.backward(g)
-    torch.testing.assert_close(captured[0].double(), x.T @ g, rtol=1e-5, atol=1e-5)
-    assert captured[0].shape == (24, 48)
+    torch.testing.assert_close(capture.dense[0].double(), x.T @ g, rtol=1e-5, atol=1e-5)
+    assert capture.dense[0].shape == (24, 48)
+    # The inputs' mean squares broadcast against the stored (in, out) layout: one per row.
+    assert capture.input_ms[0].shape == (24, 1)
+    torch.testing.assert_close(capture.input_ms[0].double().view(-1), x.square().mean(0))
 
 
 def test_conv1d_merge_is_exact_and_unmerge_restores_bit_for_bit():
@@ -225,18 +229,29 @@ def test_embedding_backward_builds_no_dense_gradient_unless_captured():
     assert values.grad is not None
     assert all(s[0] < num for s in recorder.shapes if len(s) == 2)
     assert max(torch.Size(s).numel() for s in recorder.shapes) < num * dim
-    # with a capture (the selector's AG window), the dense gradient is built and handed over
-    captured = []
+    # a capture that wants no dense gradient (MA's input statistics) does not cause one
     values.grad = None
-    out = sparse_delta_embedding(ids, weight, delta.indices, values, [captured.append])
+    inputs_only = RecordingCapture(dense=False, inputs=True)
+    out = sparse_delta_embedding(ids, weight, delta.indices, values, [inputs_only])
+    recorder = _RecordShapes()
+    with recorder:
+        out.sum().backward()
+    assert (num, dim) not in recorder.shapes
+    assert inputs_only.dense == [None] and inputs_only.input_ms == [None]  # one-hot: no scale
+    sparse_grad = values.grad.clone()
+    # with a capture (the selector's AG window), the dense gradient is built and handed over
+    capture = RecordingCapture(dense=True)
+    values.grad = None
+    out = sparse_delta_embedding(ids, weight, delta.indices, values, [capture])
     recorder = _RecordShapes()
     with recorder:
         out.sum().backward()
     assert (num, dim) in recorder.shapes  # the recorder does see a dense gradient
-    assert captured[0].shape == (num, dim)
+    assert capture.dense[0].shape == (num, dim)
     expected = torch.zeros(num, dim).index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dim))
-    torch.testing.assert_close(captured[0], expected)
+    torch.testing.assert_close(capture.dense[0], expected)
     torch.testing.assert_close(values.grad, expected.view(-1)[delta.indices.long()])
+    torch.testing.assert_close(sparse_grad, values.grad)
 
 
 def test_embedding_is_not_a_default_target_but_can_be_named_trained_saved_and_merged(tmp_path):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from recording_capture import RecordingCapture
 from spielft import ops
 from spielft.layer import random_indices
 from spielft.ops import csr_sddmm, dense_sddmm, gather_sddmm, sddmm, sparse_delta_linear
@@ -102,12 +103,30 @@ def test_sddmm_dispatch_computes_the_same_in_every_regime(path, monkeypatch):
 
 def test_dense_weight_gradient_only_when_captured():
     weight, b, indices, values, x = _case(10, 7, 0.2, (6,), False)
-    seen = []
-    out = sparse_delta_linear(x, weight, b, indices, values, captures=[seen.append])
+    capture = RecordingCapture(dense=True)
+    out = sparse_delta_linear(x, weight, b, indices, values, captures=[capture])
     out.sum().backward()
+    seen = capture.dense
     assert len(seen) == 1 and seen[0].shape == (10, 7) and seen[0].dtype == torch.float32
+    assert capture.input_ms == [None]  # not asked for
     expected = torch.ones(6, 10, dtype=torch.float64).T @ x.detach()
     torch.testing.assert_close(seen[0], expected.float())
     values.grad = None
     sparse_delta_linear(x, weight, b, indices, values).sum().backward()
     assert len(seen) == 1  # no capture requested: no dense gradient handed out
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5])
+def test_input_statistics_capture_without_dense_gradient(density):
+    # MA's windows ask only for each input feature's mean square: the deltas' gradient still
+    # comes from the SDDMM and matches the float64 reference.
+    weight, b, indices, values, x = _case(10, 7, density, (2, 3), True)
+    capture = RecordingCapture(dense=False, inputs=True)
+    sparse_delta_linear(x, weight, b, indices, values, captures=[capture]).sum().backward()
+    assert capture.dense == [None] and capture.input_ms[0].shape == (1, 7)
+    x2 = x.detach().reshape(-1, 7)
+    torch.testing.assert_close(capture.input_ms[0].double(), x2.square().mean(0, keepdim=True))
+    grad = values.grad.clone()
+    values.grad = None
+    _dense_reference(x, weight, b, indices, values).sum().backward()
+    torch.testing.assert_close(grad, values.grad)

@@ -80,7 +80,7 @@ def test_ag_window_stores_candidates_as_int32():
 
 
 def test_ma_regrows_top_row_times_col_over_inactive_positions():
-    model, delta = _one_layer("ma", k=3)
+    model, delta = _one_layer("ma", k=3, normalize_regrowth_by_input=False)
     delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
     with torch.no_grad():
         delta.values.copy_(torch.tensor([0.3, 0.2, -0.01]))  # index 10 is dropped
@@ -98,6 +98,78 @@ def test_ma_regrows_top_row_times_col_over_inactive_positions():
     assert stats["spiel/indices_changed"] == 1
     assert delta.indices.tolist() == [0, 5, 9]
     assert delta.values.tolist() == pytest.approx([0.3, 0.2, 0.0])
+
+
+def _backward_with_scaled_inputs(model, grad, scales):
+    """Token j carries only input feature j, at ``scales[j]``: the full weight's gradient is
+    ``grad * scales`` (column-wise) and feature j's mean square over the tokens scales[j]**2 / n."""
+    x = torch.diag(torch.as_tensor(scales, dtype=torch.float32))
+    (model(x) * grad.T).sum().backward()
+
+
+@pytest.mark.parametrize("normalize, regrown", [(False, 1), (True, 2)])
+def test_ag_scores_divided_by_input_rms(normalize, regrown):
+    # Position 1 (row 0, column 1) has gradient 3 on an input 10x louder than the others;
+    # position 2 has gradient 4. Raw |sum g x| prefers 1 (30 > 4); normalised by the input
+    # RMS (10/2 and 1/2) the scores are 6 and 8, and 2 wins.
+    model, delta = _one_layer("ag", k=3, normalize_regrowth_by_input=normalize)
+    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor([0.3, -0.01, 0.2]))
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    _backward_with_weight_grad(model, torch.ones(3, 4))
+    _step(opt, selector)
+    grad = torch.zeros(3, 4)
+    grad[0, 1], grad[0, 2] = 3.0, 4.0
+    _backward_with_scaled_inputs(model, grad, [1.0, 10.0, 1.0, 1.0])
+    acc = selector.accumulators["0"]
+    assert (acc.inputs is not None) == normalize
+    stats = _step(opt, selector)
+    assert stats["spiel/indices_changed"] == 1
+    assert delta.indices.tolist() == sorted([0, 10, regrown])
+
+
+@pytest.mark.parametrize("normalize, regrown", [(False, 9), (True, 4)])
+def test_ma_scores_divided_by_input_mean_square(normalize, regrown):
+    model, delta = _one_layer("ma", k=3, normalize_regrowth_by_input=normalize)
+    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor([0.3, 0.2, -0.01]))  # index 10 is dropped
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    _backward_with_weight_grad(model, torch.ones(3, 4))
+    _step(opt, selector)
+    # MA's window (step 2) needs no dense gradient, only the inputs' mean squares.
+    acc = selector.accumulators.get("0")
+    assert (acc is not None) == normalize
+    _backward_with_scaled_inputs(model, torch.ones(3, 4), [1.0, 3.0, 1.0, 2.0])
+    opt.step()
+    opt.zero_grad()
+    state = opt.state[delta.values]
+    state["row_acc"].copy_(torch.tensor([1.0, 3.0, 2.0]))
+    state["col_acc"].copy_(torch.tensor([1.0, 4.0, 0.5, 1.0]))
+    # Raw row*col: (1,1)=12 is active, next (2,1)=8 -> 9. Normalised, col / ms with
+    # ms = [1, 9, 1, 4] / 4 is [4, 1.78, 2, 1]: (1,0)=12 -> 4.
+    stats = selector.step()
+    assert stats["spiel/indices_changed"] == 1
+    assert delta.indices.tolist() == sorted([0, 5, regrown])
+
+
+def test_ma_without_input_statistics_keeps_its_indices(caplog):
+    # A matrix with no backward pass in its window has no input statistics: it is skipped
+    # (with a warning), not regrown from unnormalised scores.
+    model, delta = _one_layer("ma", k=3)
+    before = delta.indices.clone()
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    _backward_with_weight_grad(model, torch.ones(3, 4))
+    _step(opt, selector)
+    opt.step()
+    with caplog.at_level("WARNING"):
+        stats = selector.step()
+    assert stats["spiel/indices_changed"] == 0 and torch.equal(delta.indices, before)
+    assert "had no statistics" in caplog.text
 
 
 def test_top_outer_product_in_blocks_equals_dense(monkeypatch):

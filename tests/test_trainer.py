@@ -222,8 +222,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, regrowth):
     checkpoint = tmp_path / f"checkpoint-{SAVE_AT}"
     saved = json.loads((checkpoint / SELECTOR_STATE_NAME).read_text())["state"]
     assert saved["step_count"] == SAVE_AT and saved["num_updates"] == 1
-    if regrowth == "ag":  # saved mid-window: the gradient sums of step 7 are in the checkpoint
-        assert saved["accumulators"]
+    # Saved mid-window: step 7's statistics are in the checkpoint (AG: gradient sums and input
+    # mean squares; MA: the input mean squares of its input-normalised scores).
+    assert saved["accumulators"]
+    assert all(acc["input_count"] == 2 for acc in saved["accumulators"].values())  # 2 micro-batches
 
     # A fresh model (new random indices) and trainer pick up from the checkpoint.
     resumed_model, resumed = _train(tmp_path / "resumed", regrowth, resume=str(checkpoint))
@@ -447,5 +449,5 @@ def test_selector_state_resumes_on_another_number_of_processes_outside_a_window(
     spiel(input_ids=ids, labels=ids).loss.backward()  # fills the per-rank gradient sums
     assert saved.state_dict()["accumulators"]
     save_selector_state(saved, tmp_path / "inside", rank=0, world_size=2)
-    with pytest.raises(ValueError, match="inside an AG accumulation window"):
+    with pytest.raises(ValueError, match="inside a statistics window"):
         load_selector_state(resumed, tmp_path / "inside", rank=0, world_size=1)

@@ -31,8 +31,9 @@ class SpielConfig:
         reselection_steps: Optimizer steps between two drop-and-regrow updates (20 in the paper).
         first_reselection_step: Optimizer step of the first update (default: ``reselection_steps``);
             later ones follow every ``reselection_steps``.
-        accumulation_steps: For ``"ag"``, how many optimizer steps before each update accumulate
-            full-weight gradients (all their micro-batches) for regrowth. Must be at most
+        accumulation_steps: How many optimizer steps before each update collect statistics
+            (all their micro-batches): for ``"ag"`` the full-weight gradients, and with
+            `normalize_regrowth_by_input` the input features' mean squares. Must be at most
             ``reselection_steps``.
         initial_reselection_rate: Fraction p of each matrix's active indices dropped at the
             first update; p then decays to 0 at ``total_steps``.
@@ -43,6 +44,11 @@ class SpielConfig:
             statistics. Off by default: on GSM8K (``bench/quality.py``) it discarded the first
             cycle's training and made SpIEL fragile at higher learning rates (validation loss
             0.861 against 0.804 for AG at 3e-3, 0.830 against 0.786 for MA at 1.5e-2).
+        normalize_regrowth_by_input: Divide each regrowth score by the RMS of the input feature
+            the position multiplies (MA: by its mean square), measured over the window. Raw
+            scores favour positions on loud inputs, where an Adam step moves the output most;
+            normalised, a gradient-chosen set tolerates the learning rates a random one does
+            (see `spielft.selection`). Linear layers only: embedding scores stay raw.
         ag_seed_optimizer_state: For ``"ag"``: seed the Adam moments of regrown deltas with the
             mean and mean square of their accumulated gradients instead of zeros.
         delta_dtype: dtype of the trainable deltas (``"float32"``, ``"bfloat16"``,
@@ -61,6 +67,7 @@ class SpielConfig:
     initial_reselection_rate: float = 0.2
     reselection_rate_policy: Literal["linear", "cosine"] = "linear"
     full_first_reselection: bool = False
+    normalize_regrowth_by_input: bool = True
     ag_seed_optimizer_state: bool = False
     delta_dtype: str = "float32"
     seed: int = 42

@@ -59,7 +59,7 @@ class SparseDelta(nn.Module):
         numel = self.shape[0] * self.shape[1]
         self.register_buffer("indices", indices.to(device=device, dtype=index_dtype(numel)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
-        # Set by the selector during AG accumulation windows; called with the dense gradient.
+        # Set by the selector during its statistics windows (see spielft.ops.GradCapture).
         self.grad_capture: GradCapture | None = None
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,22 @@ GATHER_SDDMM_DENSITY = 0.002
 # The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-GradCapture = Callable[[Tensor], None]
+class GradCapture(Protocol):
+    """What the selector collects in backward during a statistics window (see selection.py).
+
+    Called once per backward with ``dense_grad``, the float32 gradient of the full weight in
+    its stored layout (None unless ``wants_dense_grad``), and ``input_ms``, the mean over
+    tokens of each input feature's square, shaped to broadcast against the stored weight:
+    (1, in), or (in, 1) for a transposed (Conv1D) weight (None unless ``wants_input_stats``,
+    and always None for embeddings, whose one-hot inputs have no scale).
+    """
+
+    wants_dense_grad: bool
+    wants_input_stats: bool
+
+    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None) -> None: ...
+
+
 WeightSource = Tensor | Callable[[], Tensor]
 
 
@@ -184,10 +200,17 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Rows/columns of the stored weight: (out, in), or (in, out) when transposed.
             left, right = (x2, g2) if ctx.transposed else (g2, x2)
+            dense = None
             if ctx.captures:
-                dense = left.float().T @ right.float()
+                if any(c.wants_dense_grad for c in ctx.captures):
+                    dense = left.float().T @ right.float()
+                input_ms = None
+                if any(c.wants_input_stats for c in ctx.captures):
+                    ms = x2.float().square().mean(0)
+                    input_ms = ms[:, None] if ctx.transposed else ms[None, :]
                 for capture in ctx.captures:
-                    capture(dense)
+                    capture(dense, input_ms)
+            if dense is not None:
                 grad_values = dense.view(-1).index_select(0, indices)
             else:
                 stored = (in_features, out_features) if ctx.transposed else ctx.shape
@@ -210,8 +233,9 @@ def sparse_delta_linear(
     """``x @ (W + scatter(indices, values)).T + bias`` with a sparse-aware backward.
 
     ``indices`` must be sorted and unique flat positions in W's (out, in) row-major layout.
-    Each capture in ``captures`` is called in backward with the dense float32 gradient of the
-    full weight (only the selector's AG accumulation windows pass any).
+    Each capture in ``captures`` (only the selector's statistics windows pass any) is called in
+    backward with what it asks for: the dense float32 gradient of the full weight, the mean
+    square of each input feature (see `GradCapture`).
 
     With ``transposed=True``, W is stored (in, out) and the op computes ``x @ (W + delta) +
     bias`` (transformers' ``Conv1D``); ``indices`` and the captured gradient then refer to
@@ -288,11 +312,13 @@ class SparseDeltaEmbeddingFn(torch.autograd.Function):
                 row_grad /= counts.unsqueeze(1).to(dtype)
             if ctx.padding_idx is not None:
                 row_grad[rows == ctx.padding_idx] = 0
-            if ctx.captures:
+            dense = None
+            if any(c.wants_dense_grad for c in ctx.captures):
                 dense = torch.zeros(num, dim, dtype=torch.float32, device=g2.device)
                 dense[rows] = row_grad.float()
-                for capture in ctx.captures:
-                    capture(dense)
+            for capture in ctx.captures:
+                capture(dense, None)
+            if dense is not None:
                 grad_values = dense.view(-1).index_select(0, indices.long())
             else:
                 idx = indices.long()

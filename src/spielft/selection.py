@@ -13,6 +13,15 @@ indices with the smallest |delta| and regrows as many inactive ones:
 * MA: by ``row[i] * col[j]`` from SM3's accumulators, scored in row blocks so the transient
   memory stays below ``_SCORE_BLOCK`` elements whatever the matrix size.
 
+With ``normalize_regrowth_by_input`` (the default) each score is divided by the RMS of the
+input feature the position multiplies (MA: by its mean square, SM3's accumulators being
+squared), measured over the same window. A raw gradient score favours positions on loud input
+features, and Adam moves every delta by about the learning rate, so a step there moves the
+layer's output most: a gradient-chosen set then acts like a larger learning rate and trains
+worse (bench/index_columns.py). |G_ij| / rms_j also ranks positions by the loss decrease a
+per-weight Newton step would give, G_ij^2 / H_jj, taking the Gauss-Newton curvature as
+proportional to the input's mean square.
+
 "Eligible" means not active before the update, except at a full reselection (p = 1), where
 nothing is kept and every position may be chosen.
 
@@ -85,27 +94,98 @@ def top_outer_product(row: Tensor, col: Tensor, n: int, exclude: Tensor | None) 
     return best_positions
 
 
-class GradientAccumulator:
-    """AG statistics of one matrix during an accumulation window (called from backward)."""
+class InputStatistics:
+    """Mean square of one matrix's input features over a window (called from backward).
 
-    def __init__(self, delta: SparseDelta, num_candidates: int, exclude_active: bool, group=None):
+    Kept as a (1, in) or, for a transposed (Conv1D) weight, (in, 1) tensor that broadcasts
+    against the stored weight. Embeddings pass no statistics (one-hot inputs have no scale):
+    their scores stay unnormalised.
+    """
+
+    wants_dense_grad = False
+    wants_input_stats = True
+
+    def __init__(self) -> None:
+        self.ms_sum: Tensor | None = None
+        self.count = 0
+
+    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None) -> None:
+        self.add(input_ms)
+
+    @property
+    def started(self) -> bool:
+        return self.count > 0
+
+    def add(self, input_ms: Tensor | None) -> None:
+        if input_ms is not None:
+            self.ms_sum = input_ms.clone() if self.ms_sum is None else self.ms_sum + input_ms
+        self.count += 1
+
+    def mean_square(self) -> Tensor | None:
+        """Each input feature's mean square over the window (None for embeddings)."""
+        return None if self.ms_sum is None else (self.ms_sum / self.count).clamp_(min=1e-30)
+
+    def mean_square_at(self, positions: Tensor, shape: tuple[int, int]) -> Tensor | None:
+        """The mean square of the input feature each flat position of ``shape`` multiplies."""
+        ms = self.mean_square()
+        if ms is None:
+            return None
+        features = positions % shape[1] if ms.shape[0] == 1 else positions // shape[1]
+        return ms.view(-1)[features]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ms_sum": self.ms_sum, "input_count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ms_sum, self.count = state.get("ms_sum"), int(state.get("input_count", 0))
+
+
+class GradientAccumulator:
+    """AG statistics of one matrix during an accumulation window (called from backward).
+
+    With ``inputs`` (input-normalised regrowth) it also keeps the window's input statistics,
+    and ranks the first micro-batch's candidates by |gradient| / input RMS as well.
+    """
+
+    wants_dense_grad = True
+
+    def __init__(
+        self,
+        delta: SparseDelta,
+        num_candidates: int,
+        exclude_active: bool,
+        inputs: InputStatistics | None = None,
+        group=None,
+    ):
         self.delta = delta
         self.num_candidates = num_candidates
         self.exclude_active = exclude_active
+        self.inputs = inputs
         self.group = group
         self.candidates: Tensor | None = None
         self.grad_sum: Tensor | None = None
         self.count = 0
 
-    def __call__(self, dense_grad: Tensor) -> None:
+    @property
+    def wants_input_stats(self) -> bool:
+        return self.inputs is not None
+
+    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None) -> None:
+        assert dense_grad is not None
         flat = dense_grad.reshape(-1)
         if self.candidates is None:
             if self.group is None:
-                ranking = flat.abs()  # a fresh tensor: the caller still needs dense_grad
+                ranking = dense_grad.abs()  # a fresh tensor: the caller still needs dense_grad
             else:
                 # Under DDP this is the rank's local gradient: rank by |mean over ranks|, the
                 # global-batch gradient (identical on every rank, so the candidates are too).
-                ranking = distributed.all_reduce_mean_(flat.clone(), self.group).abs_()
+                ranking = distributed.all_reduce_mean_(dense_grad.clone(), self.group).abs_()
+            if self.inputs is not None and input_ms is not None:
+                ms = input_ms if self.group is None else distributed.all_reduce_mean_(
+                    input_ms.clone(), self.group
+                )
+                ranking /= ms.clamp(min=1e-30).sqrt_()
+            ranking = ranking.view(-1)
             if self.exclude_active:
                 ranking.index_fill_(0, self.delta.indices.long(), float("-inf"))
             # int32 where the matrix allows it, as the indices: 8 bytes a candidate, not 12.
@@ -116,9 +196,28 @@ class GradientAccumulator:
             )
         self.grad_sum += flat.index_select(0, self.candidates).float()
         self.count += 1
+        if self.inputs is not None:
+            self.inputs.add(input_ms)
+
+    def scores(self) -> Tensor:
+        """|summed gradient| of each candidate, over its input feature's RMS if normalised."""
+        assert self.candidates is not None and self.grad_sum is not None
+        scores = self.grad_sum.abs()
+        if self.inputs is not None:
+            ms = self.inputs.mean_square_at(self.candidates.long(), self.delta.shape)
+            if ms is not None:
+                scores /= ms.sqrt_()
+        return scores
+
+    @property
+    def started(self) -> bool:
+        return self.candidates is not None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"candidates": self.candidates, "grad_sum": self.grad_sum, "count": self.count}
+        state = {"candidates": self.candidates, "grad_sum": self.grad_sum, "count": self.count}
+        if self.inputs is not None:
+            state.update(self.inputs.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.candidates, self.grad_sum, self.count = (
@@ -126,6 +225,8 @@ class GradientAccumulator:
             state["grad_sum"],
             int(state["count"]),
         )
+        if self.inputs is not None:
+            self.inputs.load_state_dict(state)
 
 
 class SpielSelector:
@@ -188,11 +289,16 @@ class SpielSelector:
     def _num_to_regrow(self, delta: SparseDelta, rate: float) -> int:
         return delta.values.numel() if rate >= 1.0 else int(rate * delta.values.numel())
 
+    @property
+    def _needs_window(self) -> bool:
+        """AG always collects statistics before an update; MA only its input statistics."""
+        return self.config.regrowth == "ag" or self.config.normalize_regrowth_by_input
+
     def _arm(self) -> None:
-        """Turn dense-gradient capture on for the next step iff it is in an AG window."""
+        """Turn statistics capture on for the next step iff it is in a window."""
         upcoming = self.next_update_step(self.step_count)
         in_window = (
-            self.config.regrowth == "ag"
+            self._needs_window
             and upcoming is not None
             and upcoming - (self.step_count + 1) < self.config.accumulation_steps
         )
@@ -209,12 +315,22 @@ class SpielSelector:
                 delta.grad_capture = None
                 continue
             if name not in self.accumulators:
-                k = delta.values.numel()
-                eligible = delta.numel_dense - (0 if full else k)
-                self.accumulators[name] = GradientAccumulator(
-                    delta, min(eligible, max(k, 2 * n)), exclude_active=not full, group=self.group
-                )
+                self.accumulators[name] = self._new_capture(delta, n, full)
             delta.grad_capture = self.accumulators[name]
+
+    def _new_capture(
+        self, delta: SparseDelta, n: int, full: bool
+    ) -> GradientAccumulator | InputStatistics:
+        inputs = InputStatistics() if self.config.normalize_regrowth_by_input else None
+        if self.config.regrowth == "ma":
+            assert inputs is not None
+            return inputs
+        k = delta.values.numel()
+        eligible = delta.numel_dense - (0 if full else k)
+        return GradientAccumulator(
+            delta, min(eligible, max(k, 2 * n)), exclude_active=not full, inputs=inputs,
+            group=self.group,
+        )
 
     def close(self) -> None:
         """Stop selecting: detach every capture and free the statistics."""
@@ -237,8 +353,8 @@ class SpielSelector:
         start = time.perf_counter()
         rate = self.rate_at(self.step_count)
         changed = skipped = 0
-        if self.group is not None and self.config.regrowth == "ag":
-            self._reduce_ag_statistics()
+        if self.group is not None and self._needs_window:
+            self._reduce_statistics()
         for name, delta in self.deltas.items():
             n_drop = self._num_to_regrow(delta, rate)
             if n_drop == 0:
@@ -270,17 +386,22 @@ class SpielSelector:
     ) -> tuple[Tensor | None, dict[str, Tensor] | None]:
         """Up to n new flat positions for ``delta`` (and optional optimizer-state seeds)."""
         active = delta.indices.long()
+        capture = self.accumulators.get(name)  # under DDP: already averaged over ranks
+        if self._needs_window and (capture is None or not capture.started):
+            return None, None
         if self.config.regrowth == "ma":
             scores = self.optimizer.row_col_scores(delta.values)  # type: ignore[attr-defined]
             if scores is None:
                 return None, None
-            return top_outer_product(*scores, n, None if full else active), None
-        acc = self.accumulators.get(name)
-        if acc is None or acc.candidates is None:
-            return None, None
-        grad_sum = acc.grad_sum  # under DDP: already averaged over ranks by update()
-        chosen = _masked_topk(grad_sum.abs(), n)
-        grown = acc.candidates[chosen].long()
+            row, col = scores
+            ms = capture.mean_square() if isinstance(capture, InputStatistics) else None
+            if ms is not None:  # SM3's accumulators are squared gradients: over the mean square
+                row, col = (row, col / ms.view(-1)) if ms.shape[0] == 1 else (row / ms.view(-1), col)
+            return top_outer_product(row, col, n, None if full else active), None
+        assert isinstance(capture, GradientAccumulator)
+        grad_sum = capture.grad_sum
+        chosen = _masked_topk(capture.scores(), n)
+        grown = capture.candidates[chosen].long()
         init = None
         if self.config.ag_seed_optimizer_state:
             # The window is shorter than accumulation_steps when an early first update cuts it.
@@ -322,44 +443,60 @@ class SpielSelector:
         self.optimizer.reindex(delta.values, source, seeds)  # type: ignore[attr-defined]
         return n - int(was_active.sum())
 
-    def _reduce_ag_statistics(self) -> None:
-        """Average every matrix's AG gradient sums over the ranks (one all-reduce in all).
+    def _reduce_statistics(self) -> None:
+        """Average every matrix's window statistics over the ranks (one all-reduce in all).
 
-        The captured gradients are each rank's local ones (DDP averages only the deltas'
-        gradients), so the mean of the ranks' sums is what a single process would have summed
-        over the global batch. First checks (one small collective) that every rank has the
-        same candidates and micro-batch count for every matrix, so a mismatch raises instead
-        of mixing unrelated statistics.
+        The captured gradients and inputs are each rank's local ones (DDP averages only the
+        deltas' gradients), so the mean of the ranks' sums is what a single process would have
+        summed over the global batch. First checks (one small collective) that every rank has
+        the same candidates and micro-batch count for every matrix, so a mismatch raises
+        instead of mixing unrelated statistics.
         """
         if not self.deltas:
             return
-        accs = [self.accumulators.get(name) for name in self.deltas]
+        captures = [self.accumulators.get(name) for name in self.deltas]
         device = next(iter(self.deltas.values())).values.device
         rows = []
-        for acc in accs:
-            if acc is None or acc.candidates is None:
+        for capture in captures:
+            if capture is None or not capture.started:
                 rows.append(torch.full((4,), -1, dtype=torch.long, device=device))
+                continue
+            count = torch.tensor([capture.count], dtype=torch.long, device=device)
+            if isinstance(capture, GradientAccumulator):
+                fingerprint = distributed.fingerprint(capture.candidates).to(device)
             else:
-                count = torch.tensor([acc.count], dtype=torch.long, device=device)
-                rows.append(torch.cat([count, distributed.fingerprint(acc.candidates).to(device)]))
+                fingerprint = torch.zeros(3, dtype=torch.long, device=device)
+            rows.append(torch.cat([count, fingerprint]))
         same = distributed.agreement(torch.cat(rows), self.group).view(-1, 4).all(dim=1)
         if not bool(same.all()):
             bad = [n for n, ok in zip(self.deltas, same.tolist(), strict=True) if not ok]
             raise RuntimeError(
-                f"SpIEL AG statistics differ across ranks at step {self.step_count} in "
+                f"SpIEL selection statistics differ across ranks at step {self.step_count} in "
                 f"{bad[:3]} ({len(bad)} matrices): different candidates or numbers of "
                 "micro-batches. Every rank must run the same number of micro-batches per "
                 "optimizer step, and every targeted module must take part in every backward "
-                "pass on every rank during accumulation windows (e.g. not MoE experts that may "
-                "receive no tokens: use regrowth='ma' or exclude them)."
+                "pass on every rank during statistics windows (e.g. not MoE experts that may "
+                "receive no tokens: exclude them, or use regrowth='ma' with "
+                "normalize_regrowth_by_input=False, which needs no windows)."
             )
-        live = [acc for acc in accs if acc is not None and acc.candidates is not None]
-        if not live:
+        # (owner, attribute) of every tensor to average, in the same order on every rank.
+        parts: list[tuple[Any, str]] = []
+        for capture in captures:
+            if capture is None or not capture.started:
+                continue
+            if isinstance(capture, GradientAccumulator):
+                parts.append((capture, "grad_sum"))
+                capture = capture.inputs
+            if capture is not None and capture.ms_sum is not None:
+                parts.append((capture, "ms_sum"))
+        if not parts:
             return
-        flat = torch.cat([acc.grad_sum for acc in live])
-        distributed.all_reduce_mean_(flat, self.group)
-        for acc, part in zip(live, flat.split([a.grad_sum.numel() for a in live]), strict=True):
-            acc.grad_sum = part.clone()
+        tensors = [getattr(owner, attr) for owner, attr in parts]
+        flat = distributed.all_reduce_mean_(torch.cat([t.reshape(-1) for t in tensors]), self.group)
+        for (owner, attr), t, part in zip(
+            parts, tensors, flat.split([t.numel() for t in tensors]), strict=True
+        ):
+            setattr(owner, attr, part.view_as(t).clone())
 
     def _check_consistent(self, at_start: bool = False) -> None:
         """Fail loudly, on every rank, if ranks hold different indices (one collective).
@@ -398,7 +535,7 @@ class SpielSelector:
             "num_updates": self.num_updates,
             "total_steps": self.total_steps,
             "accumulators": {
-                n: a.state_dict() for n, a in self.accumulators.items() if a.candidates is not None
+                n: a.state_dict() for n, a in self.accumulators.items() if a.started
             },
         }
 

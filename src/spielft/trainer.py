@@ -332,14 +332,16 @@ def load_selector_state(
         )
     saved_world_size = int(meta.get("world_size", 1))
     if saved_world_size != world_size:
-        # Only AG's open accumulation window is per rank (each rank's own gradient sums);
-        # everything else is the same on every rank and resumes on any number of processes.
+        # Only an open statistics window is per rank (each rank's own gradient and input
+        # sums); everything else is the same on every rank and resumes on any number of
+        # processes.
         if meta["state"].get("accumulators"):
             raise ValueError(
                 f"{directory}: selector state saved with {saved_world_size} processes inside "
-                f"an AG accumulation window, resuming with {world_size}: per-rank gradient "
-                "sums cannot be redistributed. Resume with the same number of processes, or "
-                "from a checkpoint outside an accumulation window."
+                f"a statistics window (the steps before a reselection), resuming with "
+                f"{world_size}: per-rank gradient and input sums cannot be redistributed. "
+                "Resume with the same number of processes, or from a checkpoint outside a "
+                "window."
             )
         rank, world_size = 0, saved_world_size
     path = directory / _tensors_name(rank, world_size)
