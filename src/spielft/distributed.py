@@ -11,6 +11,9 @@ selector keeps the index sets identical:
   never interleave with DDP's gradient buckets): exactly what one process would compute on the
   global batch when the loss is a mean.
 * MA: SM3's row/column accumulators are fed by the DDP-averaged gradients: identical already.
+* The input mean squares of the normalised regrowth scores (AG and MA) are local as well, and
+  are averaged over ranks with the AG sums at each update (and for AG's first-micro-batch
+  ranking).
 * Initial indices come from ``SpielConfig.seed`` through a private ``torch.Generator``:
   identical on every rank.
 * A fingerprint of every module's indices is compared across ranks when the selector starts

@@ -232,8 +232,8 @@ class GradientAccumulator:
 class SpielSelector:
     """Runs the drop-and-regrow schedule of one adapter; call `step()` after each optimizer step.
 
-    Holds no hooks: during AG windows it sets ``SparseDelta.grad_capture``, and clears it
-    outside them and after ``total_steps``. ``state_dict()`` makes a resumed run continue
+    Holds no hooks: during its statistics windows it sets ``SparseDelta.grad_capture``, and
+    clears it outside them and after ``total_steps``. ``state_dict()`` makes a resumed run continue
     the schedule exactly (no restart at step 0, no second full reselection).
     """
 

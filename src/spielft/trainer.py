@@ -487,7 +487,7 @@ class SpielCallback(TrainerCallback):
         updates = min(step, self.selector.total_steps - 1) // reselection
         logger.warning(
             "Resuming at step %d without %s in %s: the SpIEL schedule continues from the step "
-            "count (%d updates done); statistics of an open AG accumulation window are lost.",
+            "count (%d updates done); statistics of an open window are lost.",
             step,
             SELECTOR_STATE_NAME,
             checkpoint,
