@@ -140,7 +140,7 @@ def test_ma_regrows_top_row_times_col_over_input_mean_square(normalize, regrown)
 def test_ma_without_input_statistics_keeps_its_indices(caplog):
     # A matrix with no backward pass in its window has no input statistics: it is skipped
     # (with a warning), not regrown from unnormalised scores.
-    model, delta = _one_layer("ma", k=3)
+    model, delta = _one_layer("ma", k=3, normalize_regrowth_by_input=True)
     before = delta.indices.clone()
     opt = model.create_optimizer(lr=0.0)
     selector = model.create_selector(opt, total_steps=1000)

@@ -218,7 +218,7 @@ def _train(tmp_path, regrowth, resume=None, **overrides):
 
 @pytest.mark.parametrize("regrowth", ["ag", "ma"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, regrowth):
-    full_model, full = _train(tmp_path, regrowth)
+    full_model, full = _train(tmp_path, regrowth, normalize_regrowth_by_input=True)
     checkpoint = tmp_path / f"checkpoint-{SAVE_AT}"
     saved = json.loads((checkpoint / SELECTOR_STATE_NAME).read_text())["state"]
     assert saved["step_count"] == SAVE_AT and saved["num_updates"] == 1
@@ -228,7 +228,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, regrowth):
     assert all(acc["input_count"] == 2 for acc in saved["accumulators"].values())  # 2 micro-batches
 
     # A fresh model (new random indices) and trainer pick up from the checkpoint.
-    resumed_model, resumed = _train(tmp_path / "resumed", regrowth, resume=str(checkpoint))
+    resumed_model, resumed = _train(
+        tmp_path / "resumed", regrowth, resume=str(checkpoint), normalize_regrowth_by_input=True
+    )
     assert resumed.selector.step_count == MAX_STEPS
     assert resumed.selector.num_updates == 2  # one before the checkpoint, one after
     new_updates = {s: h for s, h in _updates(resumed).items() if s > SAVE_AT}

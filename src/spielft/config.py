@@ -48,7 +48,9 @@ class SpielConfig:
             the position multiplies (MA: by its mean square), measured over the window. Raw
             scores favour positions on loud inputs, where an Adam step moves the output most;
             normalised, a gradient-chosen set tolerates the learning rates a random one does
-            (see `spielft.selection`). Linear layers only: embedding scores stay raw.
+            (see `spielft.selection`). Linear layers only: embedding scores stay raw. Off by
+            default: on GSM8K it helped MA clearly and AG on average, but AG did worse with it
+            on the demo task (README, Benchmarks).
         ag_seed_optimizer_state: For ``"ag"``: seed the Adam moments of regrown deltas with the
             mean and mean square of their accumulated gradients instead of zeros.
         delta_dtype: dtype of the trainable deltas (``"float32"``, ``"bfloat16"``,
@@ -67,7 +69,7 @@ class SpielConfig:
     initial_reselection_rate: float = 0.2
     reselection_rate_policy: Literal["linear", "cosine"] = "linear"
     full_first_reselection: bool = False
-    normalize_regrowth_by_input: bool = True
+    normalize_regrowth_by_input: bool = False
     ag_seed_optimizer_state: bool = False
     delta_dtype: str = "float32"
     seed: int = 42
