@@ -47,8 +47,8 @@ class SpielConfig:
         normalize_regrowth_by_input: Divide each regrowth score by the RMS of the input feature
             the position multiplies (MA: by its mean square), measured over the window. Raw
             scores favour positions on loud inputs, where an Adam step moves the output most;
-            normalised, a gradient-chosen set tolerates the learning rates a random one does
-            (see `spielft.selection`). Linear layers only: embedding scores stay raw. Off by
+            normalised, the chosen positions are no louder than random ones
+            (``bench/index_columns.py``; see `spielft.selection`). Linear layers only: embedding scores stay raw. Off by
             default: on GSM8K it helped MA clearly and AG on average, but AG did worse with it
             on the demo task (README, Benchmarks).
         ag_seed_optimizer_state: For ``"ag"``: seed the Adam moments of regrown deltas with the

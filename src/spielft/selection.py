@@ -233,8 +233,8 @@ class SpielSelector:
     """Runs the drop-and-regrow schedule of one adapter; call `step()` after each optimizer step.
 
     Holds no hooks: during its statistics windows it sets ``SparseDelta.grad_capture``, and
-    clears it outside them and after ``total_steps``. ``state_dict()`` makes a resumed run continue
-    the schedule exactly (no restart at step 0, no second full reselection).
+    clears it outside them and after ``total_steps``. ``state_dict()`` makes a resumed run
+    continue the schedule exactly (no restart at step 0, no second full reselection).
     """
 
     def __init__(
@@ -396,7 +396,10 @@ class SpielSelector:
             row, col = scores
             ms = capture.mean_square() if isinstance(capture, InputStatistics) else None
             if ms is not None:  # SM3's accumulators are squared gradients: over the mean square
-                row, col = (row, col / ms.view(-1)) if ms.shape[0] == 1 else (row / ms.view(-1), col)
+                if ms.shape[0] == 1:
+                    col = col / ms.view(-1)
+                else:
+                    row = row / ms.view(-1)
             return top_outer_product(row, col, n, None if full else active), None
         assert isinstance(capture, GradientAccumulator)
         grad_sum = capture.grad_sum
