@@ -13,10 +13,10 @@ construction; full fine-tuning trains everything). Per method and budget:
    time and peak RSS of each run, and its validation-loss curve;
 3. the base model without fine-tuning is a row of its own.
 
-    python bench/quality.py --data gsm8k                  # the benchmark, rank-16 budget (~2 h)
-    python bench/quality.py --data gsm8k --ranks 16 64    # two budgets (~3.7 h)
+    python bench/quality.py --data gsm8k                  # the whole benchmark (~2 h)
+    python bench/quality.py --data gsm8k --ranks 16       # one budget (~1 h)
     python bench/quality.py --data gsm8k --resume         # continue an interrupted run
-    python bench/quality.py --data demo                   # the built-in date task (~25 min)
+    python bench/quality.py --data demo                   # the built-in date task
     python bench/quality.py --data demo --quick           # smoke run (a few minutes)
     python bench/quality.py --data gsm8k --report-only    # table, plot and markdown again
 
@@ -30,26 +30,23 @@ an interrupted benchmark keeps them and ``--resume`` skips them. At the end: a m
 curves of the final runs in ``bench/results/quality_<data>_curves.png``. Weights and logs of the
 runs go to ``runs/quality_<data>/`` (weights deleted once evaluated unless ``--keep-weights``).
 
-Default budget, about two hours on this project's 2-core CPU (measured with the 2-point grids
-of ``bench/results/quality_gsm8k.md``'s command; the default 3-point grids add 5 trainings,
-~16 min): 5 methods at one budget (rank 16: 4,884,480 trainable
-parameters, 4.6% of the targeted weights); a 2-point lr sweep each (10 trainings) and a second
-seed of each best (5 more); 24 steps at batch 4 (96 examples of a 1000-example pool), SpIEL
-reselecting every 8 steps (updates at 8 and 16, dropping 13% and 7% of each matrix's indices;
-``--full-first-reselection`` makes the first drop all of them, the reference's schedule),
-3 validation losses on 16 examples per run; 11 test evaluations (base + 5 methods x 2 seeds):
-loss on the answers of 200 test examples and exact match of greedy decoding (200 new tokens) on
-200, each on the merged model in ``--eval-dtype`` (float32; bfloat16 makes a test evaluation
-2-2.5x faster on this CPU for +0.001 of loss: ``bench/results/quality_gsm8k_base_bf16_eval.md``).
-A training run takes ~3.2 min with start-up and validation (~2.5 min of training), a
-float32 test evaluation ~6.5 min (loss ~1.7 min, decoding ~4.7 min): 15 x 3.2 + 11 x 6.5 ~ 2 h.
-A second budget (``--ranks 16 64``) sweeps again, since best rates move with the budget
-(measured from r=16 to r=64: SpIEL-AG 3e-3 to 1e-3, SpIEL-MA 1.5e-2 to 5e-3, LoRA 3e-3 to
-1e-3), and adds ~2 h with two seeds; ``--reuse-best-lr`` reuses the first budget's best rates
-instead (~1.6 h; measured 1h37m for r=64). Either way the whole is past the issue's two hours.
-``--max-steps 96`` (4x the training) adds ~2.5 h. After each run the script prints an ETA from
-the runs it has measured. 24 steps are far from convergence: read the table as
-early-training quality at equal parameters.
+The default plan is the whole benchmark, and it fits in about two hours on this project's 2-core
+CPU (measured: 1h57m, ``bench/results/quality_gsm8k.md``): 5 methods, two budgets (LoRA rank
+16's count, 4,884,480 trainable parameters or 4.6% of the targeted weights, and rank 64's,
+19,537,920 or 18.4%; full fine-tuning has one), a 2-point learning-rate sweep in every cell (18
+trainings: best rates move with the budget), a second seed of each best (9 more), and 19 test
+evaluations (base + 9 cells x 2 seeds). A training is 24 optimizer steps at batch 2 (48 examples
+of a 1000-example pool), SpIEL reselecting every 8 steps (updates at 8 and 16, dropping 13% and
+7% of each matrix's indices; ``--full-first-reselection`` makes the first drop all of them, the
+reference's schedule), with 3 validation losses on 16 examples. A test evaluation is the loss on
+the answers of 200 test examples and exact match of greedy decoding (200 new tokens) on 200, on
+the merged model in ``--eval-dtype`` (bfloat16: 2-2.5x faster than float32 on CPUs with
+AVX512-BF16 for +0.001 of loss, ``bench/results/quality_gsm8k_base_bf16_eval.md``; the older
+tables used float32). What the two hours cost: batch 2 instead of 4, 2-point grids instead of 3,
+bf16 evaluation. Earlier plans (batch 4, ``--batch-size 4``) took 3h39m. SpIEL runs use the
+library's defaults: raw scores for AG, input-normalised ones for MA. After each run the script
+prints an ETA from the runs it has measured. 24 steps are far from convergence: read the table
+as early-training quality at equal parameters.
 """
 
 from __future__ import annotations
@@ -75,19 +72,19 @@ GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 METHODS = ("spiel-ag", "spiel-ma", "lora", "shira", "full")
 LABELS = {"base": "base (no fine-tuning)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA",
           "lora": "LoRA", "shira": "SHiRA", "full": "full fine-tuning"}
-# The paper's grids, scaled to short runs (SpIEL-MA uses SM3: larger steps). Three points each:
-# the measured run had the lower two, and its edge check found LoRA's and full fine-tuning's
-# best one step above them (bench/results/quality_gsm8k_lr_edge.md).
+# The paper's grids, scaled to short runs (SpIEL-MA uses SM3: larger steps). Two points each: the
+# best rates of the earlier batch-4 runs at r=16 and r=64 (bench/results/quality_gsm8k_lr_edge.md
+# and the README's ablations, where SpIEL's were bracketed by worse rates on both sides).
 DEFAULT_GRID = {
-    "spiel-ag": [3e-3, 1e-3, 3e-4], "spiel-ma": [1.5e-2, 5e-3, 1.5e-3],
-    "lora": [3e-3, 1e-3, 3e-4], "shira": [3e-3, 1e-3, 3e-4], "full": [1e-4, 3e-5, 1e-5],
+    "spiel-ag": [3e-3, 1e-3], "spiel-ma": [1.5e-2, 5e-3],
+    "lora": [3e-3, 1e-3], "shira": [3e-3, 1e-3], "full": [1e-4, 3e-5],
 }
 DATA = {  # extractor, max new tokens, max length
     "gsm8k": {"extractor": "last_number", "max_new_tokens": 200, "max_length": 384},
     "demo": {"extractor": "iso_date", "max_new_tokens": 16, "max_length": 256},
 }
-DEFAULTS = {"ranks": [16], "seeds": [0, 1], "train_examples": 1000, "val_examples": 16,
-            "max_steps": 24, "batch_size": 4, "eval_points": 3, "test_loss_examples": 200,
+DEFAULTS = {"ranks": [16, 64], "seeds": [0, 1], "train_examples": 1000, "val_examples": 16,
+            "max_steps": 24, "batch_size": 2, "eval_points": 3, "test_loss_examples": 200,
             "test_em_examples": 200, "reselection_steps": 8}
 QUICK = {"ranks": [16], "seeds": [0], "train_examples": 64, "val_examples": 8, "max_steps": 6,
          "batch_size": 4, "eval_points": 2, "test_loss_examples": 16, "test_em_examples": 8,
@@ -97,7 +94,8 @@ SPLIT_SEED = 0  # the validation split is the same for every run and seed
 RESULT_SETTINGS = ("data", "train_examples", "val_examples", "max_steps", "batch_size",
                    "max_length", "eval_points", "test_loss_examples", "test_em_examples",
                    "max_new_tokens", "extractor", "reselection_steps", "full_first_reselection",
-                   "first_reselection_step", "eval_dtype", "spiel_args")
+                   "first_reselection_step", "eval_dtype", "spiel_args",
+                   "ma_normalized_by_default")
 
 
 # -- data (the same in every process) ------------------------------------------------------------
@@ -280,7 +278,22 @@ def _stored_settings(settings: dict) -> dict:
         out["full_first_reselection"] = None if out.pop("no_full_first_reselection", None) else True
     out.setdefault("eval_dtype", "float32")
     out.setdefault("spiel_args", None)
+    out.setdefault("ma_normalized_by_default", False)  # SpielConfig's default before session 7
     return out
+
+
+def _spiel_settings(settings: dict) -> str:
+    """How the SpIEL runs selected, for the report."""
+    s = _stored_settings(settings)
+    first = (f"first update at step {s['first_reselection_step']}"
+             if s.get("first_reselection_step") else "first update after one cycle")
+    parts = [f"SpIEL: reselection every {s.get('reselection_steps') or 20} steps, {first}"
+             + (" dropping every index" if s["full_first_reselection"] else ""),
+             "MA's regrowth scores input-normalised unless the flags say otherwise"
+             if s["ma_normalized_by_default"] else "raw regrowth scores unless the flags say otherwise"]
+    if s["spiel_args"]:
+        parts.append(f"extra flags `{s['spiel_args']}`")
+    return "; ".join(parts) + ". "
 
 
 def _budget(method: str, rank: int) -> str:
@@ -611,8 +624,10 @@ class Bench:
                 f"{s['val_examples']} validation examples cut from the training data; test loss on "
                 f"the answers of {s['test_loss_examples']} test examples, exact match "
                 f"({s['extractor']}) of greedy decoding ({s['max_new_tokens']} new tokens) on "
-                f"{s['test_em_examples']}. Mean ± sd over seeds {self.cfg.seeds}; train time "
-                "excludes the validation evaluations; peak RSS of the training process.", "",
+                f"{s['test_em_examples']}, on the merged model in "
+                f"{_stored_settings(s)['eval_dtype']}. {_spiel_settings(s)}Mean ± sd over seeds "
+                f"{self.cfg.seeds}; train time excludes the validation evaluations; peak RSS of "
+                "the training process.", "",
                 table, "", "Learning-rate sweep (first seed):", "", self.sweep_table(), ""]
         if has_plot:
             text += [f"![validation-loss curves]({png.name})", ""]
@@ -665,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gsm8k-dir", default=str(GSM8K_DIR), help="folder with train.jsonl and test.jsonl")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--ranks", nargs="+", type=int, default=None,
-                   help="LoRA/SHiRA ranks; SpIEL gets each rank's parameter count (default: 16)")
+                   help="LoRA/SHiRA ranks; SpIEL gets each rank's parameter count (default: 16 64)")
     p.add_argument("--lr-grid", nargs="*", default=[], metavar="METHOD=LR,LR",
                    help="learning rates to sweep, per method (defaults: "
                         + "; ".join(f"{m} {','.join(f'{v:g}' for v in g)}" for m, g in DEFAULT_GRID.items())
@@ -677,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--val-examples", type=int, default=None,
                         help="validation examples cut from the training data (16)")
     budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (24)")
-    budget.add_argument("--batch-size", type=int, default=None, help="(4)")
+    budget.add_argument("--batch-size", type=int, default=None, help="(2)")
     budget.add_argument("--max-length", type=int, default=None, help="(gsm8k 384, demo 256)")
     budget.add_argument("--eval-points", type=int, default=None,
                         help="validation losses per run, the last at the end (3)")
@@ -697,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--spiel-args", default=None, metavar="FLAGS",
                         help="more `spielft train` flags for the SpIEL runs, as one string (for "
                              "ablations, e.g. \"--initial-reselection-rate 0.4\")")
-    budget.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
+    budget.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="bfloat16",
                         help="dtype of the test evaluations (the merged model is cast to it); "
                              "bfloat16 is 2-2.5x faster on CPUs with AVX512-BF16/AMX")
     budget.add_argument("--sweep-only", action="store_true",
@@ -737,6 +752,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.max_new_tokens is None:
         args.max_new_tokens = data["max_new_tokens"] if not args.quick else min(data["max_new_tokens"], 64)
     args.lr_grid = parse_grid(args.lr_grid, args.quick)
+    from spielft import SpielConfig  # a library default that changes SpIEL-MA's results
+
+    args.ma_normalized_by_default = SpielConfig(regrowth="ma").normalize_regrowth_by_input
     args.seeds = list(dict.fromkeys(args.seeds))
     suffix = "_quick" if args.quick else ""
     if args.output is None:

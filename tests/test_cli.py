@@ -203,9 +203,13 @@ def test_train_options_reach_the_spiel_config(tiny_tokenizer):
     config = recipe.wrap_for_method(args, model).peft_config["default"]
     assert (config.regrowth, config.reselection_steps, config.first_reselection_step) == ("ma", 8, 2)
     assert config.full_first_reselection is True
+    assert config.normalize_regrowth_by_input is True  # MA's default
     default = parser.parse_args(["--method", "spiel-ag"])
-    assert recipe.wrap_for_method(default, make_tiny_llama(tiny_tokenizer)).peft_config[
-        "default"].full_first_reselection is False
+    ag = recipe.wrap_for_method(default, make_tiny_llama(tiny_tokenizer)).peft_config["default"]
+    assert (ag.full_first_reselection, ag.normalize_regrowth_by_input) == (False, False)
+    raw_ma = parser.parse_args(["--method", "spiel-ma", "--no-normalize-regrowth-by-input"])
+    assert recipe.wrap_for_method(raw_ma, make_tiny_llama(tiny_tokenizer)).peft_config[
+        "default"].normalize_regrowth_by_input is False
 
 
 def test_planned_steps_counts_the_processes(monkeypatch):

@@ -42,6 +42,20 @@ def test_invalid_config_names_the_field(fields, message):
         SpielConfig(**fields)
 
 
+@pytest.mark.parametrize(("regrowth", "given", "expected"),
+                         [("ag", None, False), ("ma", None, True), ("ma", False, False), ("ag", True, True)])
+def test_input_normalised_regrowth_defaults_to_ma_only(regrowth, given, expected):
+    config = SpielConfig(regrowth=regrowth, normalize_regrowth_by_input=given)
+    assert config.normalize_regrowth_by_input is expected
+    assert SpielConfig.from_dict(config.to_dict()).normalize_regrowth_by_input is expected
+
+
+def test_saved_config_from_before_input_normalisation_keeps_raw_scores():
+    saved = SpielConfig(regrowth="ma").to_dict()
+    del saved["normalize_regrowth_by_input"]  # as written before the field existed
+    assert SpielConfig.from_dict(saved).normalize_regrowth_by_input is False
+
+
 def test_budget_larger_than_targets_and_unmatched_patterns_fail_clearly():
     with pytest.raises(ValueError, match=r"exceeds the .* parameters"):
         get_spiel_model(tiny_llama(), SpielConfig(num_tunable_weights=10**9))

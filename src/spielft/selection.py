@@ -13,7 +13,7 @@ indices with the smallest |delta| and regrows as many inactive ones:
 * MA: by ``row[i] * col[j]`` from SM3's accumulators, scored in row blocks so the transient
   memory stays below ``_SCORE_BLOCK`` elements whatever the matrix size.
 
-With ``normalize_regrowth_by_input`` (opt-in) each score is divided by the RMS of the
+With ``normalize_regrowth_by_input`` (the default for MA) each score is divided by the RMS of the
 input feature the position multiplies (MA: by its mean square, SM3's accumulators being
 squared), measured over the same window. A raw gradient score favours positions on loud input
 features, and Adam moves every delta by about the learning rate, so a step there moves the

@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--initial-reselection-rate", type=float, default=0.2)
     method.add_argument("--full-first-reselection", action=argparse.BooleanOptionalAction, default=False,
                         help="SpIEL: the first update drops the whole random start, not only the scheduled share")
-    method.add_argument("--normalize-regrowth-by-input", action=argparse.BooleanOptionalAction, default=False,
-                        help="SpIEL: divide regrowth scores by the input feature's RMS (recommended for spiel-ma)")
+    method.add_argument("--normalize-regrowth-by-input", action=argparse.BooleanOptionalAction, default=None,
+                        help="SpIEL: divide regrowth scores by the input feature's RMS (default: on for spiel-ma, off for spiel-ag)")
     method.add_argument("--target-modules", nargs="*", default=None, help="module names (default: every linear layer of the blocks)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=None, help="default: 1e-3 (spiel-ag), 5e-3 (spiel-ma, SM3), 5e-4 (lora), 2e-5 (full)")
