@@ -278,7 +278,7 @@ def _stored_settings(settings: dict) -> dict:
         out["full_first_reselection"] = None if out.pop("no_full_first_reselection", None) else True
     out.setdefault("eval_dtype", "float32")
     out.setdefault("spiel_args", None)
-    out.setdefault("ma_normalized_by_default", False)  # SpielConfig's default before session 7
+    out.setdefault("ma_normalized_by_default", False)  # before MA's default became normalised
     return out
 
 
@@ -321,8 +321,12 @@ class Bench:
             stored = _stored_settings(self.state["settings"])
             diff = {k: (stored.get(k), v) for k, v in self.settings.items() if stored.get(k) != v}
             if diff and not cfg.report_only:
+                hint = ("; SpIEL-MA's regrowth default changed since (raw scores then), so its "
+                        "runs would not match: start another --output"
+                        if "ma_normalized_by_default" in diff else "")
                 raise SystemExit(f"--resume: {self.path} was made with other settings "
-                                 f"(stored, now): {diff}; use the same flags, or another --output")
+                                 f"(stored, now): {diff}; use the same flags, or another "
+                                 f"--output{hint}")
             if cfg.report_only:  # report what was run, whatever the flags now
                 for name, value in self.state.get("plan", {}).items():
                     setattr(cfg, name, value)
