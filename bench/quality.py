@@ -599,7 +599,7 @@ class Bench:
             return False
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss (per answer token)")
-        ax.set_title(f"SmolLM2-135M-Instruct on {self.cfg.data}: best lr per method "
+        ax.set_title(f"SmolLM2-135M-Instruct on {self.state['settings']['data']}: best lr per method "
                      "(band: min-max over seeds)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

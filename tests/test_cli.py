@@ -207,6 +207,10 @@ def test_train_options_reach_the_spiel_config(tiny_tokenizer):
     default = parser.parse_args(["--method", "spiel-ag"])
     ag = recipe.wrap_for_method(default, make_tiny_llama(tiny_tokenizer)).peft_config["default"]
     assert (ag.full_first_reselection, ag.normalize_regrowth_by_input) == (False, False)
+    assert ag.ag_seed_optimizer_state is False
+    seeded = parser.parse_args(["--method", "spiel-ag", "--ag-seed-optimizer-state"])
+    assert recipe.wrap_for_method(seeded, make_tiny_llama(tiny_tokenizer)).peft_config[
+        "default"].ag_seed_optimizer_state is True
     raw_ma = parser.parse_args(["--method", "spiel-ma", "--no-normalize-regrowth-by-input"])
     assert recipe.wrap_for_method(raw_ma, make_tiny_llama(tiny_tokenizer)).peft_config[
         "default"].normalize_regrowth_by_input is False

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SpIEL: the first update drops the whole random start, not only the scheduled share")
     method.add_argument("--normalize-regrowth-by-input", action=argparse.BooleanOptionalAction, default=None,
                         help="SpIEL: divide regrowth scores by the input feature's RMS (default: on for spiel-ma, off for spiel-ag)")
+    method.add_argument("--ag-seed-optimizer-state", action=argparse.BooleanOptionalAction, default=False,
+                        help="spiel-ag: start regrown deltas' Adam moments from their accumulated gradients, not zeros")
     method.add_argument("--target-modules", nargs="*", default=None, help="module names (default: every linear layer of the blocks)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=None, help="default: 1e-3 (spiel-ag), 5e-3 (spiel-ma, SM3), 5e-4 (lora), 2e-5 (full)")
@@ -153,7 +155,8 @@ def validate_args(args) -> Any:
                            accumulation_steps=min(args.accumulation_steps, args.reselection_steps),
                            initial_reselection_rate=args.initial_reselection_rate,
                            full_first_reselection=args.full_first_reselection,
-                           normalize_regrowth_by_input=args.normalize_regrowth_by_input, seed=args.seed)
+                           normalize_regrowth_by_input=args.normalize_regrowth_by_input,
+                           ag_seed_optimizer_state=args.ag_seed_optimizer_state, seed=args.seed)
     if args.method == "lora":
         from peft import LoraConfig
 
