@@ -49,11 +49,14 @@ class SpielConfig:
             scores favour positions on loud inputs, where an Adam step moves the output most;
             normalised, the chosen positions are no louder than random ones
             (``bench/index_columns.py``; see `spielft.selection`). Linear layers only: embedding
-            scores stay raw. ``None`` (the default) means on for ``"ma"`` and off for ``"ag"``:
-            on GSM8K it gained MA 0.012 of test loss over four seeds and AG 0.006 on average,
-            but AG did worse with it on the demo task (README, Benchmarks).
+            scores stay raw. ``None`` (the default) means on for ``"ma"`` and off for ``"ag"``.
+            On GSM8K it gained MA 0.012 of test loss over four seeds. AG gained in the 24-step
+            benchmarks at LoRA-sized budgets (0.010 at r=16's count), but lost the 1%-density
+            main job (``spielft train``) on both seeds tried (README, Benchmarks).
         ag_seed_optimizer_state: For ``"ag"``: seed the Adam moments of regrown deltas with the
-            mean and mean square of their accumulated gradients instead of zeros.
+            mean and square of the mean of their accumulated gradients instead of zeros. Off by
+            default: on GSM8K at LoRA r=64's count it cost 0.026 of test loss on both seeds
+            (regrown deltas take full Adam steps at once; zeroed moments start at about half).
         delta_dtype: dtype of the trainable deltas (``"float32"``, ``"bfloat16"``,
             ``"float16"``). Optimizer state is always float32.
         seed: Seed of the random initial index sets (identical on every rank).
