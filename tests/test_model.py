@@ -35,6 +35,7 @@ def tiny_llama(seed=0, vocab=64):
         ({"accumulation_steps": 30}, "accumulation_steps must be in \\[1, reselection_steps=20\\]"),
         ({"initial_reselection_rate": -0.1}, "initial_reselection_rate"),
         ({"delta_dtype": "int8"}, "delta_dtype must be one of"),
+        ({"regrowth": "ma", "ag_seed_optimizer_state": True}, "ag_seed_optimizer_state .* regrowth='ag'"),
     ],
 )
 def test_invalid_config_names_the_field(fields, message):

@@ -128,6 +128,11 @@ class SpielConfig:
                 "SpielConfig.initial_reselection_rate must be in [0, 1], got "
                 f"{self.initial_reselection_rate!r}."
             )
+        if self.ag_seed_optimizer_state and self.regrowth != "ag":
+            raise ValueError(
+                "SpielConfig.ag_seed_optimizer_state seeds Adam moments, so it needs "
+                f"regrowth='ag' (SM3 has none), got regrowth={self.regrowth!r}; drop the option."
+            )
         if self.delta_dtype not in _DTYPES:
             raise ValueError(
                 f"SpielConfig.delta_dtype must be one of {sorted(_DTYPES)}, got "
