@@ -114,16 +114,33 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, tiny_data):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 9
 
 
-def test_overwrite_removes_the_earlier_runs_checkpoints(tmp_path, tiny_model_dir, tiny_data):
+def test_resume_of_a_finished_run_does_nothing(tmp_path, tiny_model_dir, tiny_data, capsys):
+    out = _train(tmp_path, tiny_model_dir, tiny_data)
+    before = (out / "metrics.json").read_bytes()
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields",
+                 "question,answer", "--output", str(out), "--max-steps", "6", "--batch-size", "4",
+                 "--val-size", "4", "--eval-examples", "4", "--no-generate", "--resume"])
+    assert code == 0
+    assert "the run is finished, nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.json").read_bytes() == before
+    assert not (out / "checkpoint-7").exists()
+
+
+def test_overwrite_removes_the_earlier_runs_outputs(tmp_path, tiny_model_dir, tiny_data):
     out = tmp_path / "run"
     (out / "checkpoint-120").mkdir(parents=True)  # an earlier, longer run's
     (out / "checkpoint-120" / "adapter_model.safetensors").write_bytes(b"old")
+    (out / "adapter").mkdir()  # an earlier spiel run's, which this full run would not replace
+    (out / "delta_distribution.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")  # not a run output: stays
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields",
                  "question,answer", "--output", str(out), "--max-steps", "2", "--batch-size", "4",
                  "--val-size", "4", "--eval-examples", "4", "--no-generate", "--overwrite",
-                 "--save-steps", "1"])
+                 "--save-steps", "1", "--method", "full"])
     assert code == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "adapter").exists() and not (out / "delta_distribution.png").exists()
+    assert (out / "model").is_dir() and (out / "notes.txt").read_text() == "mine"
 
 
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
@@ -266,6 +283,11 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     assert (args.lr, args.max_steps, args.quantize) == (1e-3, 9, None)  # the flag still wins
     assert args.target_modules == ["q_proj"] and args.resume == "latest"
     assert args.full_first_reselection is True
+    # An empty key keeps the default; ``resume: false`` is the flag left out.
+    config.write_text("output:\ndata:\nresume: false\n")
+    argv = ["train", "--config", str(config)]
+    args = apply_config_file(parser, commands["train"], argv, parser.parse_args(argv))
+    assert (args.output, args.data, args.resume) == ("runs/spielft", "demo", None)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -277,6 +299,12 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--first-reselection-step", "0"], "SpielConfig.first_reselection_step"),
     (["--match-lora-rank", "0"], "--match-lora-rank must be a positive integer"),
     (["--method", "lora", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--eval-examples", "0"], "--eval-examples must be at least 1"),
+    (["--extractor", "bogus"], "Unknown answer extractor 'bogus'"),
+    (["--eval-data", "held_out.jsonl"], "--eval-data is for --data FILE"),
+    (["--val-size", "10"], "--val-size is for --data FILE"),
 ])
 def test_bad_method_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, flags, message):
     from spielft.cli import train as recipe
@@ -303,9 +331,28 @@ def test_match_lora_rank_still_counts_the_budget_on_the_model(tiny_tokenizer):
     recipe.add_arguments(parser)
     args = parser.parse_args(["--match-lora-rank", "2", "--density", "0.5"])
     model = make_tiny_llama(tiny_tokenizer)
-    expected = recipe.lora_parameter_count(model, 2, recipe.BLOCK_LINEARS)
+    # The default targets: every linear layer of the blocks (lm_head is the output head).
+    expected = sum(2 * (m.in_features + m.out_features) for n, m in model.named_modules()
+                   if n.rsplit(".", 1)[-1] in recipe.BLOCK_LINEARS)
     config = recipe.wrap_for_method(args, model, recipe.validate_args(args)).peft_config["default"]
     assert config.num_tunable_weights == expected
+
+
+def test_default_targets_are_every_linear_but_the_head(tiny_tokenizer):
+    import argparse
+
+    from spielft.cli import train as recipe
+
+    parser = argparse.ArgumentParser()
+    recipe.add_arguments(parser)
+    for flags in ([], ["--target-modules", "all-linear"]):
+        args = parser.parse_args(flags)
+        assert recipe.validate_args(args).target_modules is None
+        model = recipe.wrap_for_method(args, make_tiny_llama(tiny_tokenizer), recipe.validate_args(args))
+        names = {n.rsplit(".", 1)[-1] for n in model.spiel_layers()}
+        assert names == set(recipe.BLOCK_LINEARS)
+    lora = parser.parse_args(["--method", "lora"])
+    assert recipe.validate_args(lora).target_modules == "all-linear"
 
 
 def test_atomic_output_dir_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from spielft.data import (
+    HELD_OUT_SPLITS,
     IGNORE_INDEX,
     CausalLMCollator,
     DataError,
@@ -140,6 +141,20 @@ def test_saved_dataset_folder_and_splits(tmp_path):
         DataError, match=r"no split 'validation'; available splits: \['test', 'train'\]"
     ):
         load_records(tmp_path / "dict", split="validation")
+    # Evaluation's default: the first held-out split present, never silently "train".
+    assert len(load_records(tmp_path / "dict", split=HELD_OUT_SPLITS)) == 1
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "train_only"))
+    with pytest.raises(DataError, match=r"no split 'test' or 'validation'.*available splits: \['train'\]"):
+        load_records(tmp_path / "train_only", split=HELD_OUT_SPLITS)
+
+
+def test_trl_conversational_prompt_completion():
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    completion = [{"role": "assistant", "content": "Done."}]
+    records = load_records([{"prompt": prompt, "completion": completion}])
+    assert records == [{"messages": prompt + completion}]
+    with pytest.raises(DataError, match="'completion' must be one too"):
+        load_records([{"prompt": [{"role": "user", "content": "Hi"}], "completion": "Done."}])
 
 
 def test_in_memory_records_and_system_prompt():

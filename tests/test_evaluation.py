@@ -94,8 +94,10 @@ def test_exact_match_accuracy_records():
         "correct": True,
     }
     assert records[2]["extracted"] is None
-    # A reference the extractor finds nothing in is compared as stripped text.
-    assert exact_match_accuracy(["none"], [" none "], "iso_date").accuracy == 0.0
+    # A reference the extractor finds nothing in (a text answer) is compared as stripped text
+    # with the stripped prediction: a perfect model scores 100%, not 0%.
+    assert exact_match_accuracy(["none"], [" none "], "iso_date").accuracy == 1.0
+    assert exact_match_accuracy(["blue", "It is blue."], ["blue", "blue"], "last_number").accuracy == 0.5
     assert exact_match_accuracy([" Paris"], ["Paris "]).accuracy == 1.0
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         exact_match_accuracy(["a", "b"], ["a"])

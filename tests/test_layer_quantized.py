@@ -186,6 +186,17 @@ def test_wrap_dispatch_merge_refusal_and_trainable_count(capsys):
     assert len(targets) == 14 and all(isinstance(m, bnb.nn.Linear8bitLt) for m in targets.values())
 
 
+def test_merge_with_some_quantized_layers_merges_nothing():
+    model = tiny_llama()
+    for block in model.model.layers:  # a quantized MLP, full-precision attention
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(block.mlp, name, to_4bit(getattr(block.mlp, name)))
+    spiel = get_spiel_model(model, SpielConfig(density=0.05))
+    with pytest.raises(TypeError, match=r"6 targeted layers are quantized .* Nothing was merged"):
+        spiel.merge()
+    assert not any(layer.merged_adapters for layer in spiel.spiel_layers().values())
+
+
 def _train(spiel, steps, lr, seed=0):
     optimizer = spiel.create_optimizer(lr=lr)
     selector = spiel.create_selector(optimizer, total_steps=steps)

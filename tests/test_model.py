@@ -32,10 +32,25 @@ def tiny_llama(seed=0, vocab=64):
         ({"num_tunable_weights": 0}, "num_tunable_weights must be a positive integer"),
         ({"regrowth": "random"}, "regrowth must be 'ag' or 'ma'"),
         ({"reselection_rate_policy": "step"}, "reselection_rate_policy"),
-        ({"accumulation_steps": 30}, "accumulation_steps must be in \\[1, reselection_steps=20\\]"),
+        ({"accumulation_steps": 30}, "accumulation_steps must be an integer in \\[1, reselection_steps=20\\]"),
         ({"initial_reselection_rate": -0.1}, "initial_reselection_rate"),
         ({"delta_dtype": "int8"}, "delta_dtype must be one of"),
         ({"regrowth": "ma", "ag_seed_optimizer_state": True}, "ag_seed_optimizer_state .* regrowth='ag'"),
+        ({"num_tunable_weights": 100.5}, "num_tunable_weights must be a positive integer"),
+        ({"num_tunable_weights": "100"}, "num_tunable_weights must be a positive integer"),
+        ({"num_tunable_weights": True}, "num_tunable_weights must be a positive integer"),
+        ({"density": "0.1"}, "density must be in"),
+        ({"density": None}, "density must be in"),
+        ({"reselection_steps": 2.5, "accumulation_steps": 2}, "reselection_steps must be an integer"),
+        ({"accumulation_steps": 2.0}, "accumulation_steps must be an integer"),
+        ({"first_reselection_step": 1.5}, "first_reselection_step must be a positive integer"),
+        ({"initial_reselection_rate": None}, "initial_reselection_rate"),
+        ({"full_first_reselection": "yes"}, "full_first_reselection must be a bool"),
+        ({"seed": None}, "seed must be an integer"),
+        ({"seed": 1.0}, "seed must be an integer"),
+        ({"target_modules": ["q_proj", 3]}, "target_modules must be a list of module names"),
+        ({"target_modules": "(q_proj"}, "target_modules='\\(q_proj' is not a valid regex"),
+        ({"exclude_modules": [None]}, "exclude_modules must be a list of module names"),
     ],
 )
 def test_invalid_config_names_the_field(fields, message):
@@ -64,6 +79,40 @@ def test_budget_larger_than_targets_and_unmatched_patterns_fail_clearly():
         get_spiel_model(tiny_llama(), SpielConfig(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="does not support"):
         get_spiel_model(tiny_llama(), SpielConfig(target_modules=r".*input_layernorm"))
+
+
+def test_a_budget_that_rounds_to_zero_fails_naming_the_density():
+    with pytest.raises(ValueError, match=r"density=1e-07 .* rounds to 0 trainable deltas; raise"):
+        get_spiel_model(tiny_llama(), SpielConfig(density=1e-7))
+
+
+def test_exclude_modules_matches_as_peft_does():
+    def targets(**fields):
+        return set(get_spiel_model(tiny_llama(), SpielConfig(**fields)).spiel_layers())
+
+    everything = r".*_proj|lm_head"
+    assert "lm_head" in targets(target_modules=everything, exclude_modules=None)
+    # A string is a regex for the full name, not a sequence of one-letter suffixes.
+    by_regex = targets(target_modules=everything, exclude_modules=r"lm_head|.*\.mlp\..*")
+    assert by_regex and all(".self_attn." in n for n in by_regex)
+    by_suffix = targets(target_modules=everything, exclude_modules=["lm_head", "0.mlp.up_proj"])
+    assert "model.layers.1.mlp.up_proj" in by_suffix
+    assert "model.layers.0.mlp.up_proj" not in by_suffix and "lm_head" not in by_suffix
+
+
+def test_all_linear_keyword_means_the_default_targets():
+    keyword = get_spiel_model(tiny_llama(), SpielConfig(target_modules="all-linear"))
+    default = get_spiel_model(tiny_llama(), SpielConfig())
+    assert set(keyword.spiel_layers()) == set(default.spiel_layers())
+
+
+def test_a_model_offloaded_by_accelerate_is_refused_clearly():
+    from accelerate import cpu_offload
+
+    model = cpu_offload(tiny_llama(), execution_device="cpu")  # weights on meta between calls
+    message = r"module 'model\.layers\.0\.self_attn\.q_proj' has its weight offloaded.*device_map"
+    with pytest.raises(ValueError, match=message):
+        get_spiel_model(model, SpielConfig())
 
 
 def test_default_targets_every_block_linear_but_not_the_head():

@@ -151,6 +151,19 @@ def test_unmerge_restores_the_positions_merged_even_if_indices_moved():
             assert torch.equal(p, before[n]), n
 
 
+def test_a_merged_model_cast_to_bf16_unmerges_to_the_cast_pretrained_weights():
+    model = trained()
+    expected = {n: p.to(torch.bfloat16) for n, p in model.base_model.named_parameters()}
+    model.merge()
+    model.to(torch.bfloat16)  # the merge backups stay float32
+    model.unmerge()
+    assert not any(layer.merged_adapters for layer in model.spiel_layers().values())
+    for n, p in model.base_model.named_parameters():
+        if "spiel_deltas" not in n:
+            assert torch.equal(p, expected[n]), n
+    model.set_adapter("default")  # not stuck half merged
+
+
 def _dense_deltas(model, adapter):
     return {n: d.to_dense(torch.float32) for n, d in model.sparse_deltas(adapter).items()}
 
@@ -230,6 +243,13 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda t, m: t.__setitem__(f"{Q}.indices", t[f"{Q}.indices"].float()), "indices must be a 1-D int32/int64"),
         (lambda t, m: t.__setitem__(f"{Q}.values", t[f"{Q}.values"][:-1]), "values must be floating point with one per index"),
         (lambda t, m: m.__setitem__("format_version", 99), "unknown format version 99"),
+        (lambda t, m: m.pop("modules"), "safetensors: the spielft metadata lacks ['modules']"),
+        (lambda t, m: m.pop("config"), "the spielft metadata lacks ['config']"),
+        (lambda t, m: m["modules"].clear(), "the spielft metadata lists no modules"),
+        (lambda t, m: m["modules"][Q].pop("num_deltas"),
+         f"module '{Q}': the metadata needs a 'shape' list and a 'num_deltas'"),
+        (lambda t, m: m["config"].__setitem__("regrowth", "xx"),
+         "invalid adapter config: SpielConfig.regrowth"),
     ],
 )
 def test_invalid_adapter_files_fail_with_specific_errors(tmp_path, corrupt, message):
@@ -238,6 +258,20 @@ def test_invalid_adapter_files_fail_with_specific_errors(tmp_path, corrupt, mess
     _rewrite(tmp_path, tensors, meta)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         SpielModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_metadata_that_is_not_json_names_the_file(tmp_path):
+    tensors, _ = _saved(tmp_path)
+    save_file(tensors, tmp_path / ADAPTER_WEIGHTS_NAME, metadata={"spielft": '{"modules": '})
+    message = f"{ADAPTER_WEIGHTS_NAME}: the spielft metadata is not valid JSON"
+    with pytest.raises(ValueError, match=message):
+        SpielModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_saving_an_unknown_adapter_names_the_available_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown adapter 'nope' .* available: \['default'\]"):
+        trained().save_pretrained(tmp_path, adapter_name="nope")
+    assert not list(tmp_path.iterdir())
 
 
 def test_not_a_safetensors_file(tmp_path):

@@ -1,5 +1,7 @@
 """The sparse-delta linear op against a dense float64 reference, gradients included."""
 
+import threading
+
 import pytest
 import torch
 
@@ -130,3 +132,30 @@ def test_input_statistics_capture_without_dense_gradient(density):
     values.grad = None
     _dense_reference(x, weight, b, indices, values).sum().backward()
     torch.testing.assert_close(grad, values.grad)
+
+
+def test_concurrent_forwards_leave_the_shared_weight_intact():
+    # Each call patches W in place; without the per-weight lock, threads save each other's
+    # patched values as "original" and the frozen weight drifts.
+    weight, b, _, _, _ = _case(128, 128, 0.5, (1,), True, dtype=torch.float32)
+    frozen = weight.clone()
+    cases = []
+    for seed in range(4):
+        _, _, indices, values, x = _case(128, 128, 0.5, (4,), False, torch.float32, seed=seed)
+        with torch.no_grad():
+            cases.append((indices, values, x, sparse_delta_linear(x, weight, b, indices, values)))
+    errors = []
+
+    def run(indices, values, x, expected):
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.equal(sparse_delta_linear(x, weight, b, indices, values), expected):
+                    errors.append("wrong output")
+
+    threads = [threading.Thread(target=run, args=case) for case in cases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert torch.equal(weight, frozen)

@@ -303,3 +303,89 @@ def test_seeded_moments_are_the_mean_over_a_first_window_cut_short():
     assert delta.indices.tolist() == [9, 10, 11]
     # One step was accumulated, not accumulation_steps=3: the mean is the gradient itself.
     assert opt.state[delta.values]["exp_avg"].tolist() == pytest.approx([9.0, 10.0, 11.0])
+
+
+# -- optimizer wrappers, accelerate, fp16 loss scaling ----------------------------------------------
+def test_selector_refuses_an_optimizer_without_reindex():
+    model, _ = _one_layer("ag", k=3)
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match=r"AdamW.*model\.create_optimizer\(\)"):
+        model.create_selector(plain, total_steps=10)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.parametrize("regrowth", ["ag", "ma"])
+def test_selector_under_accelerate_counts_optimizer_steps_not_micro_batches(
+    fresh_accelerate_state, regrowth
+):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, _ = _one_layer(regrowth, k=3, normalize_regrowth_by_input=False)
+    prepared, opt = accelerator.prepare(model, model.create_optimizer(lr=1e-2))
+    selector = model.create_selector(opt, total_steps=10)  # the AcceleratedOptimizer itself
+    assert selector.optimizer is opt.optimizer
+    updates = []
+    for micro in range(8):  # 4 optimizer steps: updates at steps 2 and 4
+        with accelerator.accumulate(prepared):
+            prepared(torch.randn(5, 4)).square().sum().backward()
+            opt.step()
+            if selector.step() is not None:
+                updates.append(micro)
+            opt.zero_grad()
+    assert selector.step_count == 4 and updates == [3, 7]  # micro-batches 3, 7: steps 2, 4
+
+
+def _scaled_backward(model, grad, scaler):
+    x = torch.eye(grad.shape[1])
+    scaler.scale((model(x) * grad.T).sum()).backward()
+
+
+def test_ag_sums_are_unscaled_and_drop_overflowed_micro_batches():
+    model, delta = _one_layer("ag", k=3, ag_seed_optimizer_state=True)
+    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor([0.3, -0.01, 0.2]))
+    opt = model.create_optimizer(lr=0.0)
+    selector = model.create_selector(opt, total_steps=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    selector.grad_scaler = scaler
+
+    def step():
+        scaler.step(opt)  # skipped after an overflow, as the selector's sums skip it
+        scaler.update()
+        opt.zero_grad()
+        return selector.step()
+
+    _scaled_backward(model, torch.ones(3, 4), scaler)
+    step()  # step 1: outside the window
+    overflow = torch.zeros(3, 4)
+    overflow[1, 3] = float("inf")
+    _scaled_backward(model, overflow, scaler)  # the window's first micro-batch overflows
+    assert not selector.accumulators["0"].started  # no candidates picked from inf/NaN
+    g = torch.zeros(12).index_put((torch.tensor([7, 2]),), torch.tensor([5.0, -4.0])).view(3, 4)
+    _scaled_backward(model, g, scaler)
+    nan = torch.zeros(3, 4)
+    nan[0, 1] = float("nan")
+    _scaled_backward(model, nan, scaler)  # a later overflow: dropped, not summed
+    acc = selector.accumulators["0"]
+    sums = dict(zip(acc.candidates.tolist(), acc.grad_sum.tolist(), strict=True))
+    assert sums[7] == pytest.approx(5.0) and sums[2] == pytest.approx(-4.0)  # unscaled
+    assert all(math.isfinite(v) for v in sums.values())
+    stats = step()
+    assert stats["spiel/indices_changed"] == 1 and delta.indices.tolist() == [0, 7, 10]
+    # Seeded moments: the unscaled mean gradient, not 1024 times it.
+    slot = delta.indices.tolist().index(7)
+    assert opt.state[delta.values]["exp_avg"][slot].item() == pytest.approx(5.0)

@@ -453,3 +453,90 @@ def test_selector_state_resumes_on_another_number_of_processes_outside_a_window(
     save_selector_state(saved, tmp_path / "inside", rank=0, world_size=2)
     with pytest.raises(ValueError, match="inside a statistics window"):
         load_selector_state(resumed, tmp_path / "inside", rank=0, world_size=1)
+
+
+# -- optimizer names, resume edge cases, wrappers ----------------------------------------------------
+def test_create_spiel_optimizer_maps_8bit_names_and_warns_on_unsupported_ones(tmp_path, caplog):
+    from spielft import SparseAdamW8bit
+
+    spiel = _tiny_spiel("ag")
+    cases = {
+        "adamw_torch": (SparseAdamW, False),
+        "adamw_bnb_8bit": (SparseAdamW8bit, False),
+        "adamw_8bit": (SparseAdamW8bit, False),
+        "paged_adamw_8bit": (SparseAdamW8bit, True),  # paging is not available: warned
+        "adamw_torch_4bit": (SparseAdamW, True),
+        "sgd": (SparseAdamW, True),
+    }
+    for name, (expected, warns) in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spielft.trainer"):
+            opt = create_spiel_optimizer(spiel, _args(tmp_path, optim=name))
+        assert type(opt) is expected, name
+        assert (name in caplog.text and type(opt).__name__ in caplog.text) == warns, name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spielft.trainer"):
+        opt = create_spiel_optimizer(_tiny_spiel("ma"), _args(tmp_path, optim="adamw_bnb_8bit"))
+    assert isinstance(opt, SM3) and "training with SM3" in caplog.text
+
+
+def test_resume_without_selector_state_counts_updates_from_first_reselection_step(tmp_path):
+    from types import SimpleNamespace
+
+    spiel = _tiny_spiel("ag", first_reselection_step=2)  # updates at steps 2, 6 and 10
+    callback = SpielCallback(spiel)
+    for step, updates in [(1, 0), (2, 1), (7, 2), (10, 3), (MAX_STEPS, 3)]:
+        callback.selector = spiel.create_selector(spiel.create_optimizer(), MAX_STEPS)
+        callback.resume_from_checkpoint = str(tmp_path)  # no selector state in it
+        state = SimpleNamespace(global_step=step, max_steps=MAX_STEPS)
+        callback._restore(SimpleNamespace(), state, spiel, callback.selector.optimizer)
+        assert (callback.selector.step_count, callback.selector.num_updates) == (step, updates)
+
+
+def test_missing_per_rank_selector_tensors_file_is_named(tmp_path):
+    from spielft.trainer import load_selector_state, save_selector_state
+
+    spiel = _tiny_spiel("ag")
+    selector = spiel.create_selector(spiel.create_optimizer(), total_steps=MAX_STEPS)
+    selector.step_count = RESELECTION - 1  # inside the window of the update at step 4
+    selector._arm()
+    ids = torch.arange(16).view(1, 16)
+    spiel(input_ids=ids, labels=ids).loss.backward()
+    save_selector_state(selector, tmp_path, rank=0, world_size=2)  # rank 1: another machine
+    with pytest.raises(ValueError, match=r"rank1\.safetensors is missing.*shared filesystem"):
+        load_selector_state(selector, tmp_path, rank=1, world_size=2)
+
+
+class _Wrapped:
+    """What accelerate's AcceleratedOptimizer exposes: the optimizer and the fp16 scaler."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.param_groups = optimizer.param_groups
+
+
+def test_callback_gives_the_selector_the_trainers_grad_scaler():
+    from types import SimpleNamespace
+
+    spiel = _tiny_spiel("ag")
+    opt, scaler = spiel.create_optimizer(), torch.amp.GradScaler("cpu")
+    callback = SpielCallback(spiel)
+    state = SimpleNamespace(global_step=0, max_steps=MAX_STEPS)
+    wrapped = _Wrapped(opt, scaler)
+    callback.on_train_begin(SimpleNamespace(), state, None, model=spiel, optimizer=wrapped)
+    assert callback.selector.optimizer is opt and callback.selector.grad_scaler is scaler
+
+
+def test_callback_refuses_data_parallel():
+    from types import SimpleNamespace
+
+    from transformers.training_args import ParallelMode
+
+    spiel = _tiny_spiel("ag")
+    callback = SpielCallback(spiel)
+    state = SimpleNamespace(global_step=0, max_steps=MAX_STEPS)
+    dp = SimpleNamespace(n_gpu=2, parallel_mode=ParallelMode.NOT_DISTRIBUTED)
+    with pytest.raises(RuntimeError, match=r"nn\.DataParallel.*torchrun"):
+        callback.on_train_begin(dp, state, None, model=spiel, optimizer=spiel.create_optimizer())
+    ddp = SimpleNamespace(n_gpu=1, parallel_mode=ParallelMode.DISTRIBUTED)
+    callback.on_train_begin(ddp, state, None, model=spiel, optimizer=spiel.create_optimizer())

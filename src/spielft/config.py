@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALL_LINEAR = "all-linear"  # peft's keyword: every supported linear layer but the output head
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, but not a bool (``True`` would silently mean 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_names(field_name: str, value: Any) -> None:
+    """A module-name selector: None, a regex string, or a list of name strings."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value == ALL_LINEAR:
+            return
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(
+                f"SpielConfig.{field_name}={value!r} is not a valid regex: {err}."
+            ) from err
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(
+            f"SpielConfig.{field_name} must be a list of module names, a regex string or None, "
+            f"got {value!r}."
+        )
 
 
 @dataclass
@@ -23,8 +56,11 @@ class SpielConfig:
             matches ``model.layers.0.self_attn.q_proj``) or a regular expression matched
             against the full name. ``None`` targets every supported linear layer (``nn.Linear``,
             bitsandbytes 4-bit/8-bit, transformers' ``Conv1D``) except the output head;
-            embeddings are only targeted when named.
-        exclude_modules: Module-name suffixes never targeted (the output head by default).
+            embeddings are only targeted when named. ``"all-linear"`` (peft's keyword) means
+            the same as ``None``.
+        exclude_modules: Modules never targeted, matched as `target_modules` is: a list of
+            names or name suffixes, or a regex for the full name; ``None`` excludes nothing.
+            Default: ``["lm_head"]``.
         regrowth: How dropped indices are replaced: ``"ag"`` (accumulated gradients, trained
             with SparseAdamW) or ``"ma"`` (momentum approximation from SM3's row and column
             accumulators: no dense gradient is ever computed).
@@ -65,7 +101,7 @@ class SpielConfig:
     density: float | None = 0.01
     num_tunable_weights: int | None = None
     target_modules: list[str] | str | None = None
-    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    exclude_modules: list[str] | str | None = field(default_factory=lambda: ["lm_head"])
     regrowth: Literal["ag", "ma"] = "ag"
     reselection_steps: int = 20
     first_reselection_step: int | None = None
@@ -83,6 +119,8 @@ class SpielConfig:
             self.delta_dtype = str(self.delta_dtype).removeprefix("torch.")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
         if self.normalize_regrowth_by_input is None:
             self.normalize_regrowth_by_input = self.regrowth == "ma"
         self.validate()
@@ -90,12 +128,12 @@ class SpielConfig:
     def validate(self) -> None:
         """Raise a `ValueError` naming the field and the reason for any invalid value."""
         if self.num_tunable_weights is None:
-            if self.density is None or not 0.0 < float(self.density) <= 1.0:
+            if not _is_real(self.density) or not 0.0 < float(self.density) <= 1.0:
                 raise ValueError(
                     f"SpielConfig.density must be in (0, 1], got {self.density!r}; "
                     "or set num_tunable_weights to an absolute budget."
                 )
-        elif isinstance(self.num_tunable_weights, bool) or int(self.num_tunable_weights) < 1:
+        elif not _is_int(self.num_tunable_weights) or self.num_tunable_weights < 1:
             raise ValueError(
                 f"SpielConfig.num_tunable_weights must be a positive integer, got "
                 f"{self.num_tunable_weights!r}."
@@ -107,42 +145,55 @@ class SpielConfig:
                 "SpielConfig.reselection_rate_policy must be 'linear' or 'cosine', got "
                 f"{self.reselection_rate_policy!r}."
             )
-        if int(self.reselection_steps) < 1:
+        if not _is_int(self.reselection_steps) or self.reselection_steps < 1:
             raise ValueError(
-                f"SpielConfig.reselection_steps must be >= 1, got {self.reselection_steps!r}."
+                "SpielConfig.reselection_steps must be an integer >= 1, got "
+                f"{self.reselection_steps!r}."
             )
         if self.first_reselection_step is not None and (
-            isinstance(self.first_reselection_step, bool) or int(self.first_reselection_step) < 1
+            not _is_int(self.first_reselection_step) or self.first_reselection_step < 1
         ):
             raise ValueError(
                 "SpielConfig.first_reselection_step must be a positive integer or None, got "
                 f"{self.first_reselection_step!r}."
             )
-        if not 1 <= int(self.accumulation_steps) <= int(self.reselection_steps):
+        if not _is_int(self.accumulation_steps) or not (
+            1 <= self.accumulation_steps <= self.reselection_steps
+        ):
             raise ValueError(
-                f"SpielConfig.accumulation_steps must be in [1, reselection_steps="
+                f"SpielConfig.accumulation_steps must be an integer in [1, reselection_steps="
                 f"{self.reselection_steps}], got {self.accumulation_steps!r}."
             )
-        if not 0.0 <= float(self.initial_reselection_rate) <= 1.0:
+        if not _is_real(self.initial_reselection_rate) or not (
+            0.0 <= float(self.initial_reselection_rate) <= 1.0
+        ):
             raise ValueError(
                 "SpielConfig.initial_reselection_rate must be in [0, 1], got "
                 f"{self.initial_reselection_rate!r}."
             )
+        for name in ("full_first_reselection", "normalize_regrowth_by_input",
+                     "ag_seed_optimizer_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SpielConfig.{name} must be a bool, got {getattr(self, name)!r}.")
         if self.ag_seed_optimizer_state and self.regrowth != "ag":
             raise ValueError(
                 "SpielConfig.ag_seed_optimizer_state seeds Adam moments, so it needs "
                 f"regrowth='ag' (SM3 has none), got regrowth={self.regrowth!r}; drop the option."
             )
-        if self.delta_dtype not in _DTYPES:
+        if not isinstance(self.delta_dtype, str) or self.delta_dtype not in _DTYPES:
             raise ValueError(
                 f"SpielConfig.delta_dtype must be one of {sorted(_DTYPES)}, got "
                 f"{self.delta_dtype!r}."
             )
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
-            raise ValueError(
-                "SpielConfig.target_modules must be a list of module names, a regex string or "
-                f"None, got {type(self.target_modules).__name__}."
-            )
+        if not _is_int(self.seed):
+            raise ValueError(f"SpielConfig.seed must be an integer, got {self.seed!r}.")
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+
+    @property
+    def targets_all_linear(self) -> bool:
+        """Whether the default targets apply (every supported linear layer but the head)."""
+        return self.target_modules is None or self.target_modules == ALL_LINEAR
 
     @property
     def torch_delta_dtype(self) -> torch.dtype:

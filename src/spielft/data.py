@@ -27,6 +27,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "HELD_OUT_SPLITS",
     "IGNORE_INDEX",
     "CausalLMCollator",
     "DataError",
@@ -46,10 +47,13 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 """Label value that the causal-LM loss ignores (prompt tokens, padding, pack boundaries)."""
 
+HELD_OUT_SPLITS = ("test", "validation", "valid", "dev")
+"""Split names evaluation takes from a DatasetDict when none is named, in this order."""
+
 ROLES = ("system", "user", "assistant")
 FORMAT_DESCRIPTIONS = {
     "messages": "chat ('messages': a list of {'role', 'content'} ending with an assistant message)",
-    "prompt_completion": "'prompt' + 'completion'",
+    "prompt_completion": "'prompt' + 'completion' (strings, or trl's lists of messages)",
     "alpaca": "Alpaca ('instruction', optional 'input', 'output')",
     "fields": "the two fields given with fields=(PROMPT_FIELD, COMPLETION_FIELD)",
 }
@@ -69,13 +73,14 @@ def load_records(
     *,
     fields: tuple[str, str] | None = None,
     system_prompt: str | None = None,
-    split: str | None = None,
+    split: str | Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Read and validate instruction data; return records as ``{"messages": [...]}``.
 
     ``source``: a ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, or ``{"data": [...]}``) or
     ``.csv`` file, a ``datasets.save_to_disk`` folder (``split`` picks from a DatasetDict, default
-    ``"train"``), or an iterable of dicts. ``fields=(prompt_field, completion_field)`` reads any
+    ``"train"``; a sequence of names takes the first one present, e.g. `HELD_OUT_SPLITS`), or an
+    iterable of dicts. ``fields=(prompt_field, completion_field)`` reads any
     other pair of fields, e.g. ``("question", "answer")`` for GSM8K. ``system_prompt`` is added to
     records that have no system message. Raises :class:`DataError` on the first bad record.
     """
@@ -99,7 +104,7 @@ def normalize_records(
     return load_records(records, fields=fields, system_prompt=system_prompt)
 
 
-def _read_path(path: Path, *, split: str | None) -> list[tuple[str, Any]]:
+def _read_path(path: Path, *, split: str | Sequence[str] | None) -> list[tuple[str, Any]]:
     """``(location, raw record)`` pairs; the location is what error messages cite."""
     if not path.exists():
         raise DataError(f"Data file '{path}' does not exist.")
@@ -186,7 +191,7 @@ def _read_csv(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
-def _read_saved_dataset(path: Path, split: str | None) -> list[tuple[str, Any]]:
+def _read_saved_dataset(path: Path, split: str | Sequence[str] | None) -> list[tuple[str, Any]]:
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -196,11 +201,15 @@ def _read_saved_dataset(path: Path, split: str | None) -> list[tuple[str, Any]]:
             f"{path} is a folder but not a dataset written by datasets' save_to_disk ({exc})."
         ) from None
     if isinstance(ds, DatasetDict):
-        name = split or "train"
-        if name not in ds:
-            raise DataError(f"{path}: no split '{name}'; available splits: {sorted(ds)}.")
-        ds, path = ds[name], path / name
-    elif split is not None:
+        wanted = [split or "train"] if split is None or isinstance(split, str) else list(split)
+        present = [name for name in wanted if name in ds]
+        if not present:
+            raise DataError(
+                f"{path}: no split {' or '.join(map(repr, wanted))}; available splits: "
+                f"{sorted(ds)}. Name one (split=..., or --split / --eval-split on the CLI)."
+            )
+        ds, path = ds[present[0]], path / present[0]
+    elif isinstance(split, str):
         logger.warning("%s holds a single dataset; ignoring split=%r", path, split)
     return [(f"{path}, record index {i}", r) for i, r in enumerate(ds)]
 
@@ -224,7 +233,8 @@ def detect_format(record: Mapping[str, Any], *, fields: tuple[str, str] | None =
     expected = "; ".join(v for k, v in FORMAT_DESCRIPTIONS.items() if k != "fields")
     raise DataError(
         f"cannot tell the record format from its fields {sorted(map(str, record))}. Expected one "
-        f"of: {expected}. For other field names pass fields=(PROMPT_FIELD, COMPLETION_FIELD)."
+        f"of: {expected}. For other field names pass fields=(PROMPT_FIELD, COMPLETION_FIELD) "
+        "(on the command line: --fields PROMPT_FIELD,COMPLETION_FIELD)."
     )
 
 
@@ -267,6 +277,15 @@ def _to_messages(
 ) -> list[dict[str, str]]:
     if fmt == "messages":
         return _check_messages(record.get("messages"))
+    if fmt == "prompt_completion" and isinstance(record.get("prompt"), list):
+        # trl's conversational prompt-completion: two lists of messages, read as one chat.
+        completion = record.get("completion")
+        if not isinstance(completion, list):
+            raise DataError(
+                f"'prompt' is a list of messages, so 'completion' must be one too (trl's "
+                f"conversational format), got {type(completion).__name__} ({_short(completion)})."
+            )
+        return _check_messages([*record["prompt"], *completion])
     if fmt == "prompt_completion":
         prompt_key, completion_key, extra = "prompt", "completion", None
     elif fmt == "alpaca":

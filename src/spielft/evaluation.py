@@ -279,7 +279,8 @@ def exact_match_accuracy(
     """Share of predictions whose extracted answer equals the reference's extracted answer.
 
     The reference goes through the same extractor (so ``"... #### 72"`` becomes ``"72"``); if
-    nothing can be extracted from it, its stripped text is the expected answer.
+    nothing can be extracted from it (a text answer under ``last_number``), the stripped
+    prediction is compared with the stripped reference instead.
     """
     if len(predictions) != len(references):
         raise ValueError(
@@ -295,7 +296,7 @@ def exact_match_accuracy(
         predicted = extract(prediction)
         expected = extract(reference)
         if expected is None:
-            expected = reference.strip()
+            predicted, expected = prediction.strip(), reference.strip()
         record: dict[str, Any] = {"index": i}
         if prompts is not None:
             record["prompt"] = prompts[i]
@@ -324,6 +325,7 @@ def evaluate_exact_match(
 
     ``records`` may be in any format :func:`spielft.data.load_records` accepts.
     """
+    get_extractor(extractor)  # a bad one fails before the (slow) generation, not after it
     normalized = normalize_records(records)
     pairs = [split_prompt_completion(r) for r in normalized]
     prompts = [p for p, _ in pairs]

@@ -92,6 +92,9 @@ class SparseDelta(nn.Module):
         kept = source >= 0
         new[kept] = old[source[kept]]
         self.values.copy_(new)
+        grad = self.values.grad
+        if grad is not None:  # a gradient being accumulated over micro-batches follows its slot
+            grad.copy_(torch.where(kept, grad[source.clamp(min=0)], 0))
         self.indices = indices.to(device=self.indices.device, dtype=self.indices.dtype)
 
 
@@ -113,6 +116,16 @@ class SpielLayer(nn.Module):
         # adapter -> (positions written, their values before): unmerge restores exactly these,
         # even if a selector update moved the adapter's indices since the merge.
         self._merge_backup: dict[str, tuple[Tensor, Tensor]] = {}
+
+    # -- the base layer's parameters, read through (as peft's tuner layers do) -------------------
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight: model code reads e.g. ``self.wo.weight.dtype`` (T5)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
@@ -203,10 +216,14 @@ class SpielLayer(nn.Module):
         if not self.merged_adapters:
             return
         flat = self._merge_target().view(-1)
-        for name in reversed(self.merged_adapters):
-            idx, before = self._merge_backup.pop(name)
-            flat[idx] = before
-        self.merged_adapters = []
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            idx, before = self._merge_backup[name]
+            # The model may have been moved or cast (``.to``) since the merge.
+            flat[idx.to(flat.device)] = before.to(device=flat.device, dtype=flat.dtype)
+            # Forget the backup only once it is written back: a failure leaves it retryable.
+            del self._merge_backup[name]
+            self.merged_adapters.pop()
 
 
 class SpielLinear(SpielLayer):

@@ -37,14 +37,20 @@ ADAPTER_TYPE = "spielft"
 FORMAT_VERSION = 1
 
 
-def _matches(name: str, target_modules: list[str] | str | None, exclude: list[str]) -> bool:
-    if any(name == e or name.endswith("." + e) for e in exclude):
+def _name_matches(name: str, patterns: list[str] | str) -> bool:
+    """As peft matches module names: a string is a regex for the full name, a list holds
+    names or name suffixes."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _matches(name: str, config: SpielConfig) -> bool:
+    if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
         return False
-    if target_modules is None:
+    if config.targets_all_linear:
         return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    return _name_matches(name, config.target_modules)  # type: ignore[arg-type]
 
 
 def _own_weight(module: nn.Module) -> Tensor | None:
@@ -93,6 +99,33 @@ def _refuse_tied(name: str, users: list[str]) -> None:
     )
 
 
+def _offloads(hook: Any) -> bool:
+    """Whether an accelerate hook (or one of a ``SequentialHook``'s) offloads weights."""
+    return bool(getattr(hook, "offload", False)) or any(
+        _offloads(h) for h in getattr(hook, "hooks", ())
+    )
+
+
+def _refuse_offloaded(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Refuse a module whose weight accelerate offloads (CPU/disk, put back only per forward).
+
+    Its weight is a ``meta`` placeholder outside the forward, and the deltas' op patches and
+    reads the weight itself, so the outputs would be silently wrong.
+    """
+    weight = getattr(module, "weight", None)
+    on_meta = isinstance(weight, Tensor) and weight.is_meta
+    path = name.split(".")
+    owners = [model] + [model.get_submodule(".".join(path[:i])) for i in range(1, len(path) + 1)]
+    if on_meta or any(_offloads(getattr(m, "_hf_hook", None)) for m in owners):
+        raise ValueError(
+            f"module {name!r} has its weight offloaded by accelerate "
+            f"({'on the meta device' if on_meta else 'an offloading hook'}): spielft needs "
+            "the weights in memory to add the sparse deltas. Load the model without offloading, "
+            "e.g. from_pretrained(..., device_map={'': 0}) or device_map='cpu' to put it all "
+            "on one device."
+        )
+
+
 def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.Module]:
     """The modules ``config`` targets, by full name; a clear error if none or unsupported.
 
@@ -109,9 +142,9 @@ def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.M
             module = module.base_layer
         if ".base_layer" in name or ".spiel_deltas" in name or not name:
             continue
-        if not _matches(name, config.target_modules, config.exclude_modules):
+        if not _matches(name, config):
             continue
-        if config.target_modules is None:  # default: every supported linear but the head
+        if config.targets_all_linear:  # every supported linear but the head
             layer = wrap_module(module)
             if (
                 module is output_head
@@ -206,6 +239,7 @@ class SpielModel(nn.Module):
         module = getattr(parent, child)
         if isinstance(module, SpielLayer):
             return module
+        _refuse_offloaded(self.base_model, name, module)
         layer = wrap_module(module)
         if layer is None:
             raise ValueError(
@@ -235,6 +269,12 @@ class SpielModel(nn.Module):
             sizes = [layer.weight_shape[0] * layer.weight_shape[1] for layer in layers.values()]
             total = sum(sizes)
             budget = config.num_tunable_weights or round(float(config.density) * total)
+            if budget == 0:
+                raise ValueError(
+                    f"SpielConfig.density={config.density} of the {total} parameters of the "
+                    f"{len(layers)} targeted matrices rounds to 0 trainable deltas; raise the "
+                    "density, set num_tunable_weights, or target more modules."
+                )
             if budget > total:
                 raise ValueError(
                     f"SpielConfig.num_tunable_weights={budget} exceeds the {total} parameters of "
@@ -352,8 +392,22 @@ class SpielModel(nn.Module):
         self.add_adapter(adapter_name, config, state=state)
 
     # -- merging ---------------------------------------------------------------------------------
+    def _refuse_quantized(self, remedy: str) -> None:
+        """Raise before touching any weight: a merge that stopped at the first quantized layer
+        would leave the model half merged."""
+        quantized = [n for n, m in self.spiel_layers().items() if isinstance(m, SpielQuantLinear)]
+        if quantized:
+            raise TypeError(
+                f"{len(quantized)} targeted layers are quantized (e.g. {quantized[0]!r}): "
+                f"merging into them would requantize and lose the deltas. {remedy}"
+            )
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Write the active (or named) adapters into the base weights, reversibly."""
+        self._refuse_quantized(
+            "Nothing was merged; use merge_and_unload(dequantize=True) for a dequantized model "
+            "with the deltas merged."
+        )
         for layer in self.spiel_layers().values():
             layer.merge(adapter_names or self.active_adapters)
 
@@ -378,15 +432,11 @@ class SpielModel(nn.Module):
         dequantized layers.
         """
         layers = self.spiel_layers()
-        quantized = [n for n, layer in layers.items() if isinstance(layer, SpielQuantLinear)]
         if not dequantize:
-            if quantized:
-                raise TypeError(
-                    f"{len(quantized)} targeted layers are quantized (e.g. {quantized[0]!r}): "
-                    "merging into them would requantize and lose the deltas. Use "
-                    "merge_and_unload(dequantize=True) to get a dequantized model with the "
-                    "deltas merged."
-                )
+            self._refuse_quantized(
+                "Use merge_and_unload(dequantize=True) to get a dequantized model with the "
+                "deltas merged."
+            )
             self.merge()
             return self.unload(keep_merged=True)
         for name, layer in layers.items():
@@ -476,8 +526,13 @@ class SpielModel(nn.Module):
         adamw = SparseAdamW8bit if optim_bits == 8 else SparseAdamW
         return adamw(groups, lr=1e-4 if lr is None else lr, **kwargs)
 
-    def create_selector(self, optimizer: torch.optim.Optimizer, total_steps: int) -> SpielSelector:
-        return SpielSelector(self, optimizer, total_steps, self.active_adapter)
+    def create_selector(
+        self, optimizer: torch.optim.Optimizer, total_steps: int, grad_scaler: Any | None = None
+    ) -> SpielSelector:
+        """The drop-and-regrow schedule for ``optimizer`` (from `create_optimizer`, or that
+        optimizer wrapped by accelerate); pass a fp16 ``GradScaler`` so AG's statistics are
+        unscaled (accelerate's is found on its wrapper)."""
+        return SpielSelector(self, optimizer, total_steps, self.active_adapter, grad_scaler=grad_scaler)
 
     # -- saving and loading ------------------------------------------------------------------------
     def save_pretrained(
@@ -489,6 +544,11 @@ class SpielModel(nn.Module):
         so a save interrupted at any point leaves a loadable, self-consistent adapter.
         """
         adapter_name = adapter_name or self.active_adapter
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"cannot save unknown adapter {adapter_name!r} to {save_directory}; available: "
+                f"{list(self.peft_config)}"
+            )
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         deltas = self.sparse_deltas(adapter_name)
@@ -576,7 +636,12 @@ def read_adapter(
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
     if "spielft" not in header:
         raise ValueError(f"{path} has no spielft metadata: not an adapter saved by spielft")
-    meta = json.loads(header["spielft"])
+    try:
+        meta = json.loads(header["spielft"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the spielft metadata is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the spielft metadata is not a JSON object")
     if meta.get("adapter_type") != ADAPTER_TYPE:
         raise ValueError(
             f"{path}: adapter type {meta.get('adapter_type')!r} is not {ADAPTER_TYPE!r}"
@@ -586,12 +651,29 @@ def read_adapter(
             f"{path}: unknown format version {meta.get('format_version')!r} (this spielft reads "
             f"version {FORMAT_VERSION}); upgrade spielft to load it"
         )
-    config = SpielConfig.from_dict(meta["config"])
+    missing = [key for key in ("config", "modules") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: the spielft metadata lacks {missing}")
+    try:
+        config = SpielConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid adapter config: {err}") from err
+    if not isinstance(meta["modules"], dict) or not meta["modules"]:
+        raise ValueError(f"{path}: the spielft metadata lists no modules: an empty adapter")
     modules = dict(model.named_modules())
     owners = _weight_owners(model)
     state: dict[str, tuple[Tensor, Tensor]] = {}
     for name, info in meta["modules"].items():
         where = f"{path}, module {name!r}"
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("shape"), list)
+            or not isinstance(info.get("num_deltas"), int)
+        ):
+            raise ValueError(
+                f"{where}: the metadata needs a 'shape' list and a 'num_deltas' integer, got "
+                f"{info!r}"
+            )
         module = modules.get(name)
         if module is None:
             raise ValueError(

@@ -13,7 +13,9 @@ the embedding-lookup counterpart, whose backward touches only the rows that occu
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
@@ -61,12 +63,33 @@ def merged_values(base: Tensor, values: Tensor) -> Tensor:
     return (base.to(dtype) + values.to(dtype)).to(base.dtype)
 
 
+# One lock per patchable weight tensor, keyed by id() and dropped when the tensor dies. Not an
+# attribute of the tensor or layer: a lock can be neither pickled nor deep-copied.
+_WEIGHT_LOCKS: dict[int, threading.RLock] = {}
+_WEIGHT_LOCKS_GUARD = threading.Lock()
+
+
+def weight_lock(weight: Tensor) -> threading.RLock:
+    """The lock serialising in-place patching of ``weight`` across threads.
+
+    Re-entrant, so a nested patch in the same thread (e.g. a recomputation) cannot deadlock.
+    """
+    key = id(weight)
+    with _WEIGHT_LOCKS_GUARD:
+        lock = _WEIGHT_LOCKS.get(key)
+        if lock is None:
+            lock = _WEIGHT_LOCKS[key] = threading.RLock()
+            weakref.finalize(weight, _WEIGHT_LOCKS.pop, key, None)
+    return lock
+
+
 @contextmanager
 def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) -> Iterator[Tensor]:
     """Yield the dense weight W + scatter(indices, values).
 
     A tensor ``weight`` (a frozen parameter) is patched in place at ``indices`` and restored
-    exactly on exit. A callable ``weight`` (e.g. a dequantizer) returns a fresh dense tensor,
+    exactly on exit, under `weight_lock` (concurrent forwards from several threads would
+    otherwise corrupt W). A callable ``weight`` (e.g. a dequantizer) returns a fresh dense tensor,
     which is patched and simply dropped afterwards; the quantized storage is never touched.
     """
     # index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU for large k.
@@ -78,13 +101,16 @@ def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) ->
             flat.scatter_(0, idx, merged_values(flat.index_select(0, idx), values))
             yield dense
             return
-        flat = weight.view(-1)
-        saved = flat.index_select(0, idx)
-        flat.scatter_(0, idx, merged_values(saved, values))
-        try:
-            yield weight
-        finally:
-            flat.scatter_(0, idx, saved)
+        # Held from patch to restore: another thread must neither compute with our patched W
+        # nor save our patched values as the "original" that it then writes back.
+        with weight_lock(weight):
+            flat = weight.view(-1)
+            saved = flat.index_select(0, idx)
+            flat.scatter_(0, idx, merged_values(saved, values))
+            try:
+                yield weight
+            finally:
+                flat.scatter_(0, idx, saved)
 
 
 def dense_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -94,6 +95,20 @@ def top_outer_product(row: Tensor, col: Tensor, n: int, exclude: Tensor | None) 
     return best_positions
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar) wrappers.
+
+    Wrappers hide ``reindex``/``row_col_scores``; they expose the real one as ``.optimizer``.
+    """
+    seen = 0
+    while optimizer is not None and not hasattr(optimizer, "reindex") and seen < 8:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
 class InputStatistics:
     """Mean square of one matrix's input features over a window (called from backward).
 
@@ -145,6 +160,11 @@ class GradientAccumulator:
 
     With ``inputs`` (input-normalised regrowth) it also keeps the window's input statistics,
     and ranks the first micro-batch's candidates by |gradient| / input RMS as well.
+
+    With ``loss_scale`` (fp16 with a GradScaler: it returns the scale tensor, or None when
+    the backward is unscaled) each contribution is divided by the scale it was computed
+    under, and a contribution that is not finite (an overflow: GradScaler skips that step
+    too) is dropped, so one overflow cannot turn the window's sums into inf/NaN.
     """
 
     wants_dense_grad = True
@@ -156,12 +176,14 @@ class GradientAccumulator:
         exclude_active: bool,
         inputs: InputStatistics | None = None,
         group=None,
+        loss_scale: Callable[[], Tensor | None] | None = None,
     ):
         self.delta = delta
         self.num_candidates = num_candidates
         self.exclude_active = exclude_active
         self.inputs = inputs
         self.group = group
+        self.loss_scale = loss_scale
         self.candidates: Tensor | None = None
         self.grad_sum: Tensor | None = None
         self.count = 0
@@ -173,6 +195,7 @@ class GradientAccumulator:
     def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None) -> None:
         assert dense_grad is not None
         flat = dense_grad.reshape(-1)
+        scale = self.loss_scale() if self.loss_scale is not None else None
         if self.candidates is None:
             if self.group is None:
                 ranking = dense_grad.abs()  # a fresh tensor: the caller still needs dense_grad
@@ -185,6 +208,10 @@ class GradientAccumulator:
                     input_ms.clone(), self.group
                 )
                 ranking /= ms.clamp(min=1e-30).sqrt_()
+            if scale is not None and not bool(ranking.isfinite().all()):
+                # Overflow: wait for a finite micro-batch to pick candidates. Decided on the
+                # rank-averaged ranking under DDP, so every rank skips together.
+                return
             ranking = ranking.view(-1)
             if self.exclude_active:
                 ranking.index_fill_(0, self.delta.indices.long(), float("-inf"))
@@ -194,8 +221,12 @@ class GradientAccumulator:
             self.grad_sum = torch.zeros(
                 self.candidates.numel(), dtype=torch.float32, device=flat.device
             )
-        self.grad_sum += flat.index_select(0, self.candidates).float()
-        self.count += 1
+        contribution = flat.index_select(0, self.candidates).float()
+        if scale is not None:  # no host sync: a non-finite contribution adds zeros
+            contribution = contribution / scale
+            contribution = torch.where(contribution.isfinite().all(), contribution, 0.0)
+        self.grad_sum += contribution
+        self.count += 1  # every backward, kept or dropped: ranks compare counts
         if self.inputs is not None:
             self.inputs.add(input_ms)
 
@@ -235,6 +266,13 @@ class SpielSelector:
     Holds no hooks: during its statistics windows it sets ``SparseDelta.grad_capture``, and
     clears it outside them and after ``total_steps``. ``state_dict()`` makes a resumed run
     continue the schedule exactly (no restart at step 0, no second full reselection).
+
+    ``optimizer`` may be accelerate's ``AcceleratedOptimizer``: the selector then uses the
+    optimizer inside it, and its ``step()`` counts only the micro-batches where accelerate
+    really steps (``accelerator.accumulate()`` makes the others no-ops), so calling it after
+    every ``optimizer.step()`` keeps the schedule in optimizer steps. ``grad_scaler`` (default:
+    the wrapper's ``scaler``; settable later as ``selector.grad_scaler``) is the fp16
+    ``GradScaler`` whose scale AG's gradient sums must be divided by.
     """
 
     def __init__(
@@ -243,18 +281,31 @@ class SpielSelector:
         optimizer: torch.optim.Optimizer,
         total_steps: int,
         adapter_name: str | None = None,
+        grad_scaler: Any | None = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.adapter_name = adapter_name or model.active_adapter
         self.config = model.peft_config[self.adapter_name]
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer)
+        # accelerate's GradientState: sync_gradients is False on the micro-batches whose
+        # optimizer.step() accelerate skips. Only read through a wrapper, never for a bare one.
+        wrapped = self.optimizer is not optimizer
+        self._gradient_state = getattr(optimizer, "gradient_state", None) if wrapped else None
+        if grad_scaler is None and wrapped:
+            grad_scaler = getattr(optimizer, "scaler", None)
+        self.grad_scaler = grad_scaler
         self.total_steps = int(total_steps)
         self.deltas: dict[str, SparseDelta] = model.sparse_deltas(self.adapter_name)
-        if self.config.regrowth == "ma" and not hasattr(optimizer, "row_col_scores"):
+        ma = self.config.regrowth == "ma"
+        needed = ("reindex", "row_col_scores") if ma else ("reindex",)
+        if not all(hasattr(self.optimizer, attr) for attr in needed):
             raise ValueError(
-                "regrowth='ma' scores positions with SM3's row/column accumulators, but the "
-                f"optimizer is {type(optimizer).__name__}; create it with model.create_optimizer()."
+                f"regrowth={self.config.regrowth!r} needs spielft's {'SM3' if ma else 'SparseAdamW'}"
+                f" (it remaps its per-slot state when indices change"
+                f"{'; its row/column accumulators score the positions' if ma else ''}), but the "
+                f"optimizer is {type(self.optimizer).__name__}; create it with "
+                "model.create_optimizer()."
             )
         self.step_count = 0
         self.num_updates = 0
@@ -268,6 +319,15 @@ class SpielSelector:
         if self.group is not None:
             self._check_consistent(at_start=True)
 
+    def _loss_scale(self) -> Tensor | None:
+        """The GradScaler's current scale as a tensor (no host sync), or None if unscaled."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if hasattr(scaler, "_scale"):  # torch's GradScaler: None until its first scale()
+            return scaler._scale
+        return torch.tensor(float(scaler.get_scale()))
+
     # -- schedule ------------------------------------------------------------------------------
     def next_update_step(self, after: int) -> int | None:
         """The first update step strictly after ``after``, or None if the schedule is over."""
@@ -275,6 +335,13 @@ class SpielSelector:
         first = self.config.first_reselection_step or every
         step = first if after < first else first + ((after - first) // every + 1) * every
         return step if step < self.total_steps else None
+
+    def updates_through(self, step: int) -> int:
+        """How many updates the schedule runs at steps 1..``step`` (to resume from a count)."""
+        count, upcoming = 0, self.next_update_step(0)
+        while upcoming is not None and upcoming <= step:
+            count, upcoming = count + 1, self.next_update_step(upcoming)
+        return count
 
     def rate_at(self, step: int) -> float:
         if self.num_updates == 0 and self.config.full_first_reselection:
@@ -329,7 +396,7 @@ class SpielSelector:
         eligible = delta.numel_dense - (0 if full else k)
         return GradientAccumulator(
             delta, min(eligible, max(k, 2 * n)), exclude_active=not full, inputs=inputs,
-            group=self.group,
+            group=self.group, loss_scale=self._loss_scale,
         )
 
     def close(self) -> None:
@@ -339,7 +406,13 @@ class SpielSelector:
 
     # -- the update ----------------------------------------------------------------------------
     def step(self) -> dict[str, float] | None:
-        """Count one optimizer step; run an update when one is due. Returns its statistics."""
+        """Count one optimizer step; run an update when one is due. Returns its statistics.
+
+        Under ``accelerator.accumulate()``, a no-op on the micro-batches where accelerate
+        skipped ``optimizer.step()``.
+        """
+        if self._gradient_state is not None and not self._gradient_state.sync_gradients:
+            return None
         self.step_count += 1
         result = None
         if self.next_update_step(self.step_count - 1) == self.step_count:

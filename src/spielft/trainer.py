@@ -65,7 +65,7 @@ from transformers.utils import find_labels
 from .files import atomic_write
 from .layer import SpielLayer
 from .model import ADAPTER_WEIGHTS_NAME, SpielModel, read_adapter
-from .selection import SpielSelector
+from .selection import SpielSelector, unwrap_optimizer
 
 try:  # only the name of the file; present in every supported transformers version
     from transformers.trainer import OPTIMIZER_NAME, TRAINING_ARGS_NAME
@@ -110,17 +110,6 @@ def _find_spiel_model(model: Any) -> SpielModel | None:
     return None
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar) wrappers."""
-    seen = 0
-    while optimizer is not None and not hasattr(optimizer, "reindex") and seen < 8:
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
-    return optimizer
-
-
 def _optim_arg(args: TrainingArguments, key: str) -> str | None:
     """``key`` from ``args.optim_args`` ("a=1,b=2"), if present."""
     text = getattr(args, "optim_args", None) or ""
@@ -129,6 +118,22 @@ def _optim_arg(args: TrainingArguments, key: str) -> str | None:
         if name == key and value:
             return value
     return None
+
+
+def _refuse_data_parallel(args: TrainingArguments) -> None:
+    """Refuse ``nn.DataParallel`` (the Trainer's choice on 2+ GPUs without a launcher).
+
+    Its replicas run backward in threads that share the selector's captures, each seeing a
+    slice of the batch, so AG's statistics would race and be partial.
+    """
+    mode = getattr(args, "parallel_mode", None)
+    if getattr(args, "n_gpu", 1) > 1 and getattr(mode, "value", mode) == "not_distributed":
+        raise RuntimeError(
+            f"SpIEL does not support nn.DataParallel (the Trainer uses it on {args.n_gpu} GPUs "
+            "when not launched by a distributed launcher). Launch with `torchrun "
+            "--nproc-per-node N ...` or `accelerate launch` (DDP), or expose one GPU "
+            "(CUDA_VISIBLE_DEVICES=0)."
+        )
 
 
 def _is_main_process(args: TrainingArguments) -> bool:
@@ -140,6 +145,14 @@ def _rank_and_world(args: TrainingArguments) -> tuple[int, int]:
 
 
 # -- optimizer -------------------------------------------------------------------------------------
+# TrainingArguments.optim names that are AdamW implementations, mapped without a warning.
+_PLAIN_ADAMW = frozenset(
+    {"adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_hf",
+     "adamw_apex_fused"}
+)
+_PLAIN_ADAMW_8BIT = frozenset({"adamw_bnb_8bit", "adamw_8bit", "adamw_torch_8bit"})
+
+
 def create_spiel_optimizer(
     model: nn.Module, args: TrainingArguments, *, sm3_momentum: float | None = None
 ) -> torch.optim.Optimizer:
@@ -149,7 +162,10 @@ def create_spiel_optimizer(
     ``adam_beta2`` and ``adam_epsilon``. ``regrowth="ma"``: `SM3` with ``learning_rate`` and
     ``weight_decay`` (SM3's own tiny epsilon: ``adam_epsilon`` means something else), and
     momentum ``sm3_momentum``, else ``momentum=...`` from ``args.optim_args``, else 0.
-    ``args.optim`` is not used. Weight decay applies to the deltas and to other trainable
+    ``args.optim`` only chooses the precision: a name with "8bit" (``adamw_bnb_8bit``,
+    ``paged_adamw_8bit``, ...) gives `SparseAdamW8bit` for ``"ag"``; other optimizers than
+    AdamW, and variants (paged, 4-bit, ...), are not available for sparse deltas and are
+    replaced with a warning. Weight decay applies to the deltas and to other trainable
     matrices, never to biases and norms (see `SpielModel.create_optimizer`).
     """
     spiel = _find_spiel_model(model)
@@ -158,14 +174,20 @@ def create_spiel_optimizer(
             f"create_spiel_optimizer needs a SpielModel (from get_spiel_model), got "
             f"{type(model).__name__}"
         )
-    optim_name = str(getattr(args, "optim", "adamw"))
-    if "adamw" not in optim_name.lower():
-        logger.warning(
-            "TrainingArguments.optim=%r is ignored: SpIEL trains sparse deltas with its own "
-            "optimizer (SparseAdamW for regrowth='ag', SM3 for 'ma').",
-            optim_name,
-        )
+    optim = getattr(args, "optim", "adamw_torch")
+    optim_name = str(getattr(optim, "value", optim)).lower()
     config = spiel.peft_config[spiel.active_adapter]
+    ag = config.regrowth == "ag"
+    bits = 8 if ag and "8bit" in optim_name else 32
+    used = ("SparseAdamW8bit" if bits == 8 else "SparseAdamW") if ag else "SM3"
+    if optim_name not in _PLAIN_ADAMW and not (bits == 8 and optim_name in _PLAIN_ADAMW_8BIT):
+        logger.warning(
+            "TrainingArguments.optim=%r is not available for SpIEL's sparse deltas (their "
+            "optimizer must remap its per-slot state when indices change): training with %s "
+            "instead.",
+            optim_name,
+            used,
+        )
     if config.regrowth == "ma":
         if sm3_momentum is None:
             value = _optim_arg(args, "momentum")
@@ -176,6 +198,7 @@ def create_spiel_optimizer(
     return spiel.create_optimizer(
         lr=args.learning_rate,
         weight_decay=args.weight_decay,
+        optim_bits=bits,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
@@ -345,6 +368,15 @@ def load_selector_state(
             )
         rank, world_size = 0, saved_world_size
     path = directory / _tensors_name(rank, world_size)
+    if not path.is_file() and meta["state"].get("accumulators"):
+        raise ValueError(
+            f"{path} is missing: the checkpoint was written inside a statistics window (the "
+            "steps before a reselection), where each rank saves its own gradient and input "
+            "sums in its own file. With several machines and no shared filesystem, each "
+            "rank's file is in the checkpoint folder on that rank's machine: copy every "
+            f"{SELECTOR_TENSORS_NAME.replace('.safetensors', '-rank*.safetensors')} into this "
+            "folder on every machine, or resume from a checkpoint outside a window."
+        )
     tensors = load_file(str(path)) if path.is_file() else {}
     state = _unflatten(meta["state"], tensors)
     default_device = (
@@ -373,7 +405,8 @@ class SpielCallback(TrainerCallback):
 
     * ``on_train_begin``: builds the `SpielSelector` (``total_steps`` = the Trainer's
       ``max_steps``) over the Trainer's optimizer, which must come from
-      `create_spiel_optimizer` / `SpielModel.create_optimizer`. When resuming, it loads the
+      `create_spiel_optimizer` / `SpielModel.create_optimizer`, and hands it accelerate's fp16
+      ``GradScaler`` if there is one. ``nn.DataParallel`` is refused. When resuming, it loads the
       adapter (indices and values, in place) and the selector state from the checkpoint, so
       the schedule continues where it stopped: no restart at step 0, no second full
       reselection.
@@ -444,8 +477,9 @@ class SpielCallback(TrainerCallback):
 
     # -- events ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _refuse_data_parallel(args)
         spiel = self._resolve_model(model)
-        raw = _unwrap_optimizer(optimizer)
+        raw = unwrap_optimizer(optimizer)
         if raw is None or not hasattr(raw, "reindex"):
             raise TypeError(
                 f"SpIEL needs its own optimizer (it remaps per-slot state when indices change); "
@@ -455,7 +489,10 @@ class SpielCallback(TrainerCallback):
         if self.selector is not None:
             self.selector.close()
         self._pending = {}
+        # The raw optimizer: the Trainer calls on_optimizer_step only on real steps. Its
+        # GradScaler (fp16) lives on accelerate's wrapper: AG's gradient sums are scaled by it.
         self.selector = spiel.create_selector(raw, total_steps=state.max_steps)
+        self.selector.grad_scaler = getattr(optimizer, "scaler", None)
         if state.global_step > 0:
             self._restore(args, state, spiel, raw)
         self.resume_from_checkpoint = None
@@ -483,8 +520,7 @@ class SpielCallback(TrainerCallback):
             return
         # No saved selector: rebuild the schedule position from the step count alone.
         step = state.global_step
-        reselection = self.selector.config.reselection_steps
-        updates = min(step, self.selector.total_steps - 1) // reselection
+        updates = self.selector.updates_through(step)
         logger.warning(
             "Resuming at step %d without %s in %s: the SpIEL schedule continues from the step "
             "count (%d updates done); statistics of an open window are lost.",
@@ -559,7 +595,7 @@ class SpielTrainerMixin:
     * logs the selection statistics through ``Trainer.log``;
     * takes label names and dataset columns from the wrapped transformers model.
 
-    DeepSpeed and FSDP are refused when training starts (`spielft.distributed`); use DDP.
+    DeepSpeed, FSDP and ``nn.DataParallel`` are refused when training starts; use DDP.
     """
 
     def __init__(self, *args: Any, sm3_momentum: float | None = None, **kwargs: Any) -> None:

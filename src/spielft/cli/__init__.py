@@ -37,8 +37,8 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: Path) -> 
     """``value`` from the YAML file as the flag would give it: converted with the option's
     ``type`` and checked against its ``choices``, or a `ValueError` naming the key."""
     where = f"--config {path}: {key}"
-    if value is None:
-        return None
+    if action.nargs == "?" and value is False:
+        return None  # e.g. ``resume: false``: the flag left out
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
                            argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
@@ -81,7 +81,8 @@ def apply_config_file(
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    # A key left empty (``output:``) keeps the option's default, as leaving it out would.
+    values = {str(k).replace("-", "_"): v for k, v in values.items() if v is not None}
     actions = {a.dest: a for a in command._actions if a.dest not in ("help", "config")}
     unknown = sorted(set(values) - set(actions))
     if unknown:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..data import load_records
+from ..data import HELD_OUT_SPLITS, load_records
 from ..default_model import load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
 from ..files import apply_umask_mode, atomic_write
@@ -69,11 +69,16 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: str | None) -> torch.nn.M
     raise ValueError(f"{config_path} is neither a spielft nor a peft adapter config")
 
 
-def eval_records(data: str | None, fields: tuple[str, str] | None, n: int | None) -> list[dict]:
-    """Held-out records: the demo test split, or a user's file (first ``n``)."""
+def eval_records(
+    data: str | None, fields: tuple[str, str] | None, n: int | None, split: str | None = None
+) -> list[dict]:
+    """Held-out records: the demo test split, or a user's file (first ``n``); from a datasets
+    folder, ``split`` or else its test (or validation) split, never silently its training split."""
     if data in (None, DEMO):
+        if fields is not None or split is not None:
+            raise ValueError("--fields and --split are for --data FILE; the demo task has its own")
         return load_records(demo_dataset("test", n))
-    records = load_records(data, fields=fields)
+    records = load_records(data, fields=fields, split=split or HELD_OUT_SPLITS)
     return records[:n] if n else records
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -23,10 +24,17 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from ..config import SpielConfig
-from ..data import CausalLMCollator, load_records, tokenize_records, train_val_split
+from ..data import (
+    HELD_OUT_SPLITS,
+    CausalLMCollator,
+    load_records,
+    tokenize_records,
+    train_val_split,
+)
 from ..demo_data import demo_dataset
 from ..distributed import destroy_process_groups
-from ..model import SpielModel, get_spiel_model
+from ..evaluation import get_extractor
+from ..model import SpielModel, find_target_modules, get_spiel_model
 from ..trainer import SpielTrainer
 from .common import (
     DEMO,
@@ -42,7 +50,12 @@ from .plots import plot_delta_distribution, plot_loss_curves
 
 HELP = "Instruction-tune a model with SpIEL (default: the embedded model on the demo task)."
 METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
+# A Llama block's linear layers: what the default targets select on Llama-style models (the
+# benchmarks name them explicitly, e.g. for peft's SHiRA).
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Outputs of a run; --overwrite removes these (and nothing else) from --output.
+RUN_OUTPUTS = ("adapter", "model", "metrics.json", "predictions.json", "loss_curves.png",
+               "delta_distribution.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", default=DEMO, help="JSONL/JSON/CSV file or datasets folder (default: the built-in demo task)")
     data.add_argument("--fields", default=None, help="PROMPT,COMPLETION fields for other formats (e.g. question,answer)")
     data.add_argument("--eval-data", default=None, help="held-out file (default: a split of --data, or the demo test split)")
-    data.add_argument("--val-size", type=float, default=0.05, help="held-out share (or count, if >= 1) cut from --data")
+    data.add_argument("--eval-split", default=None,
+                      help="split of a datasets folder given as --eval-data (default: test, else validation)")
+    data.add_argument("--val-size", type=float, default=None,
+                      help="held-out share (or count, if >= 1) cut from --data when there is no --eval-data, "
+                           "at most --eval-examples (default: 0.05)")
     data.add_argument("--max-train-examples", type=int, default=None)
     data.add_argument("--eval-examples", type=int, default=100, help="held-out examples for the before/after metrics")
     data.add_argument("--max-length", type=int, default=256)
     data.add_argument("--packing", action="store_true", help="pack several examples per sequence")
     data.add_argument("--train-on-prompt", action="store_true", help="also put the loss on prompt tokens")
-    data.add_argument("--extractor", default=None, help="answer extractor: exact, last_number, iso_date, regex:PATTERN")
+    data.add_argument("--extractor", default=None,
+                      help="answer extractor: exact, last_number, iso_date, regex:PATTERN (default: "
+                           "iso_date on the demo task, else last_number; text answers are compared whole)")
     data.add_argument("--max-new-tokens", type=int, default=None)
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHODS, default="spiel-ag")
@@ -77,13 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SpIEL: divide regrowth scores by the input feature's RMS (default: on for spiel-ma, off for spiel-ag)")
     method.add_argument("--ag-seed-optimizer-state", action=argparse.BooleanOptionalAction, default=False,
                         help="spiel-ag: start regrown deltas' Adam moments from their accumulated gradients, not zeros")
-    method.add_argument("--target-modules", nargs="*", default=None, help="module names (default: every linear layer of the blocks)")
+    method.add_argument("--target-modules", nargs="*", default=None,
+                        help="module-name suffixes, e.g. q_proj v_proj (default, or all-linear: every "
+                             "linear layer but the output head)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=None, help="default: 1e-3 (spiel-ag), 5e-3 (spiel-ma, SM3), 5e-4 (lora), 2e-5 (full)")
     optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--epochs", type=float, default=1.0)
+    optim.add_argument("--epochs", type=float, default=None, help="default: 1")
     optim.add_argument("--max-steps", type=int, default=None,
-                       help="overrides --epochs (default: 120 on the demo task, else --epochs)")
+                       help="overrides --epochs (default: 120 on the demo task unless --epochs is given)")
     optim.add_argument("--batch-size", type=int, default=8)
     optim.add_argument("--grad-accum", type=int, default=1)
     optim.add_argument("--warmup-steps", type=int, default=None, help="default: 3%% of the steps")
@@ -91,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--seed", type=int, default=42)
     run = parser.add_argument_group("run")
     run.add_argument("--output", default="runs/spielft", help="output folder")
-    run.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --output")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in a non-empty --output (an earlier run's outputs and checkpoints are removed)")
     run.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from the latest (or the given) checkpoint")
     run.add_argument("--eval-steps", type=int, default=None, help="held-out loss every N steps (default: 10 evaluations)")
     run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
@@ -110,10 +132,14 @@ def prepare_data(args, tokenizer) -> tuple[Any, Any, list[dict], dict[str, Any]]
     else:
         train_records = load_records(args.data, fields=fields)
         if args.eval_data:
-            held_out = load_records(args.eval_data, fields=fields)
+            held_out = load_records(args.eval_data, fields=fields,
+                                    split=args.eval_split or HELD_OUT_SPLITS)
         else:
-            size = int(args.val_size) if args.val_size >= 1 else args.val_size
-            train_records, held_out = train_val_split(train_records, size, seed=args.seed)
+            # Only the first --eval-examples held-out records are ever used: hold out no more.
+            val_size = 0.05 if args.val_size is None else args.val_size
+            count = int(val_size) if val_size >= 1 else max(1, round(val_size * len(train_records)))
+            train_records, held_out = train_val_split(train_records, min(count, args.eval_examples),
+                                                      seed=args.seed)
         if args.max_train_examples:
             train_records = train_records[: args.max_train_examples]
     if not train_records or not held_out:
@@ -128,9 +154,16 @@ def prepare_data(args, tokenizer) -> tuple[Any, Any, list[dict], dict[str, Any]]
     return train_set, eval_set, eval_records, summary
 
 
-def lora_parameter_count(model: torch.nn.Module, rank: int, targets: list[str]) -> int:
-    return sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+def lora_parameter_count(model: torch.nn.Module, rank: int, config: SpielConfig) -> int:
+    """LoRA rank ``rank``'s trainable parameters on the modules ``config`` targets."""
+    return sum(rank * sum(m.weight.shape) for m in find_target_modules(model, config).values())
+
+
+def target_modules(args) -> list[str] | None:
+    """``--target-modules``, or None (every linear layer but the output head) for all-linear."""
+    if not args.target_modules or args.target_modules == ["all-linear"]:
+        return None
+    return args.target_modules
 
 
 def validate_args(args) -> Any:
@@ -142,7 +175,25 @@ def validate_args(args) -> Any:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.method == "full" and args.quantize:
         raise ValueError("--method full cannot train a quantized base; drop --quantize or use spiel-ag/spiel-ma/lora")
-    targets = args.target_modules or BLOCK_LINEARS
+    for flag in ("batch_size", "grad_accum", "eval_examples", "max_length", "max_train_examples",
+                 "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if args.val_size is not None and args.val_size <= 0:
+        raise ValueError(f"--val-size must be a positive share or count, got {args.val_size}")
+    if args.data == DEMO:
+        given = [f for f in ("fields", "eval_data", "eval_split", "val_size") if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is for --data FILE; the demo task has its own "
+                             "fields and test split")
+    elif args.eval_split is not None and not args.eval_data:
+        raise ValueError("--eval-split picks the split of --eval-data; give --eval-data too")
+    if args.extractor is not None:
+        get_extractor(args.extractor)  # an unknown one fails now, not after the generations
+    targets = target_modules(args)
     if args.method.startswith("spiel"):
         if args.match_lora_rank is not None and args.match_lora_rank < 1:
             raise ValueError(f"--match-lora-rank must be a positive integer, got {args.match_lora_rank}")
@@ -163,7 +214,7 @@ def validate_args(args) -> Any:
         if args.lora_rank < 1:
             raise ValueError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
         return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                          target_modules=targets, task_type="CAUSAL_LM")
+                          target_modules=targets or "all-linear", task_type="CAUSAL_LM")
     return None
 
 
@@ -173,7 +224,7 @@ def wrap_for_method(args, model: torch.nn.Module, config: Any = None) -> torch.n
         config = validate_args(args)
     if args.method.startswith("spiel"):
         if args.match_lora_rank:
-            budget = lora_parameter_count(model, args.match_lora_rank, config.target_modules)
+            budget = lora_parameter_count(model, args.match_lora_rank, config)
             config = dataclasses.replace(config, num_tunable_weights=budget)
         return get_spiel_model(model, config)
     if args.method == "lora":
@@ -223,7 +274,7 @@ def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Tr
         output_dir=args.output, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr or default_lr(args.method), weight_decay=args.weight_decay,
-        num_train_epochs=args.epochs, max_steps=args.max_steps, lr_scheduler_type="linear",
+        num_train_epochs=args.epochs or 1.0, max_steps=args.max_steps, lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else math.ceil(0.03 * steps),
         eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
         save_steps=args.save_steps or eval_steps, save_total_limit=2, logging_steps=max(1, min(10, eval_steps)),
@@ -254,7 +305,7 @@ def planned_steps(args, num_sequences: int) -> int:
         return args.max_steps
     batches_per_rank = math.ceil(math.ceil(num_sequences / args.batch_size) / world_size())
     per_epoch = math.ceil(batches_per_rank / args.grad_accum)
-    return max(1, math.ceil(per_epoch * args.epochs))
+    return max(1, math.ceil(per_epoch * (args.epochs or 1.0)))
 
 
 def check_output(args) -> None:
@@ -269,16 +320,35 @@ def check_output(args) -> None:
         raise FileNotFoundError(f"--resume: no checkpoint-* folder in {out} to resume from")
 
 
-def remove_previous_checkpoints(out: Path) -> list[Path]:
-    """Delete the ``checkpoint-*`` folders of an earlier run in ``out`` (for ``--overwrite``).
+def remove_previous_outputs(out: Path) -> list[Path]:
+    """Delete an earlier run's outputs from ``out`` (for ``--overwrite``); other files stay.
 
-    Left in place, they would outrank this run's checkpoints: the Trainer's rotation
-    (``save_total_limit``) keeps the highest step numbers, and ``--resume`` would pick them.
+    Left in place, its checkpoints would outrank this run's (the Trainer's rotation keeps the
+    highest step numbers, and ``--resume`` would pick them), and its adapter, metrics and
+    pictures would pass for this run's if this one failed.
     """
     stale = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-    for folder in stale:
-        shutil.rmtree(folder)
+    stale += [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return stale
+
+
+def checkpoint_step(args) -> tuple[Path, int] | None:
+    """The checkpoint ``--resume`` continues from and its step (None when not resuming)."""
+    if not args.resume:
+        return None
+    if args.resume == "latest":
+        folders = [p for p in Path(args.output).glob("checkpoint-*") if p.name[11:].isdigit()]
+        folder = max(folders, key=lambda p: int(p.name[11:]))
+    else:
+        folder = Path(args.resume)
+    state = folder / "trainer_state.json"
+    step = json.loads(state.read_text()).get("global_step", 0) if state.is_file() else 0
+    return folder, int(step)
 
 
 # -- the recipe ----------------------------------------------------------------------------------------
@@ -302,12 +372,19 @@ def _train(args: argparse.Namespace) -> int:
     # (CPU) run to a single process. torchrun and accelerate launch both set RANK.
     main_process = int(os.environ.get("RANK", "0")) == 0
     if args.max_steps is None:
-        args.max_steps = DEMO_STEPS if args.data == DEMO else -1
+        args.max_steps = DEMO_STEPS if args.data == DEMO and args.epochs is None else -1
     check_output(args)
     method_config = validate_args(args)  # before any slow work: bad input fails in seconds
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.quantize)
     train_set, eval_set, eval_records, data_summary = prepare_data(args, tokenizer)
+    steps = planned_steps(args, len(train_set))
+    resumed = checkpoint_step(args)
+    if resumed is not None and resumed[1] >= steps:
+        if main_process:
+            print(f"--resume: {resumed[0]} is at step {resumed[1]} of {steps}: the run is finished, "
+                  f"nothing to do (raise --max-steps or --epochs to train further)")
+        return 0
     evaluation = dict(extractor=args.extractor or default_extractor(args.data),
                       max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.data),
                       max_length=args.max_length, batch_size=max(args.batch_size, 16),
@@ -322,11 +399,10 @@ def _train(args: argparse.Namespace) -> int:
     model = wrap_for_method(args, model, method_config)
     if main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
-    steps = planned_steps(args, len(train_set))
     if args.overwrite and not args.resume and main_process:  # only now: bad input loses nothing
-        stale = remove_previous_checkpoints(Path(args.output))
+        stale = remove_previous_outputs(Path(args.output))
         if stale:
-            print(f"--overwrite: removed {len(stale)} checkpoint folder(s) of an earlier run")
+            print(f"--overwrite: removed {', '.join(p.name for p in stale)} of an earlier run")
     trainer = build_trainer(args, model, tokenizer, train_set, eval_set, steps)
     start = time.perf_counter()
     resume = None if args.resume is None else (True if args.resume == "latest" else args.resume)
