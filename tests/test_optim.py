@@ -43,49 +43,6 @@ def test_sparse_adamw_reindex_moves_state_with_slots():
     assert opt.state[p]["exp_avg_sq"][1] == 0.0
 
 
-def test_regrown_slot_takes_fresh_adam_steps():
-    """A slot regrown late moves like a fresh Adam parameter, not 2.5-6x the learning rate."""
-    torch.manual_seed(0)
-    p = nn.Parameter(torch.zeros(2))
-    opt = SparseAdamW([p], lr=1e-2)
-    for _ in range(1000):
-        p.grad = torch.tensor([1.0, 1.0])
-        opt.step()
-    with torch.no_grad():
-        p.zero_()
-    opt.reindex(p, torch.tensor([0, -1]))  # slot 1 is regrown, slot 0 kept
-    fresh = nn.Parameter(torch.zeros(1))
-    ref = torch.optim.AdamW([fresh], lr=1e-2, weight_decay=0.0)
-    for _ in range(20):
-        g = torch.randn(())
-        p.grad = torch.stack([g, g])
-        fresh.grad = g.reshape(1)
-        opt.step()
-        ref.step()
-        torch.testing.assert_close(p[1:], fresh)
-    assert opt.state[p]["slot_steps"].tolist() == [1020, 20]
-
-
-def test_seeded_slot_counts_as_mature_and_old_state_loads():
-    p = nn.Parameter(torch.zeros(3))
-    opt = SparseAdamW([p], lr=1e-3)
-    for _ in range(5):
-        p.grad = torch.ones(3)
-        opt.step()
-    seeds = {"exp_avg": torch.tensor([0.0, 0.5, 0.0]), "exp_avg_sq": torch.tensor([0.0, 0.25, 0.0])}
-    opt.reindex(p, torch.tensor([0, -1, 2]), seeds)
-    assert opt.state[p]["slot_steps"].tolist() == [5, 5, 5]
-    # A state dict saved before per-slot counts: every slot is taken to have every step.
-    state = opt.state_dict()
-    del state["state"][0]["slot_steps"]
-    again = SparseAdamW([p], lr=1e-3)
-    again.load_state_dict(state)
-    p.grad = torch.ones(3)
-    again.step()
-    assert again.state[p]["slot_steps"].tolist() == [6, 6, 6]
-    assert again.state[p]["slot_steps"].dtype == torch.int16
-
-
 def _reference_sm3(values, grads, rows, cols, shape, lr):
     row_acc, col_acc = torch.zeros(shape[0]), torch.zeros(shape[1])
     v = values.clone()

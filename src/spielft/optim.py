@@ -8,7 +8,6 @@ takes the state of old slot ``source[i]``, or a fresh state where ``source[i] ==
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -49,33 +48,12 @@ class _KeepStateDtype:
                     self.state[param][key] = value.to(param.device, copy=True)  # type: ignore[attr-defined]
 
 
-# Per-slot step counts are int16 and stop here: 0.999 ** 32767 is 6e-15, so the bias
-# correction has long reached 1 (with beta2 = 0.9999 it is 0.96, a 2% error in the step).
-_MAX_SLOT_STEPS = 32767
-
-
-@functools.cache
-def _bias_corrections(beta1: float, beta2: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Adam's inverse bias corrections for every per-slot step count (a lookup is 2x cheaper
-    than two pows over all the slots at each step); entry 0 is never read."""
-    n = torch.arange(_MAX_SLOT_STEPS + 1, dtype=torch.float64)
-    inv_bc1 = 1 / (1 - beta1**n)
-    inv_bc2_sqrt = 1 / (1 - beta2**n).sqrt()
-    return inv_bc1.float().to(device), inv_bc2_sqrt.float().to(device)
-
-
 class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
     """AdamW for sparse deltas.
 
     Decoupled weight decay shrinks each delta toward zero, i.e. pulls the fine-tuned weight
     toward the pretrained one. Moments are float32 per slot and follow their slot through
     `reindex`; regrown slots start at zero, or at the values the selector supplies.
-
-    Each slot also keeps its own step count (int16, 2 bytes), and the bias correction uses it:
-    a regrown slot takes the steps of a fresh Adam parameter (the first one lr * sign(g)).
-    With one count for the whole tensor, a slot regrown at step 1000 would start with zero
-    moments but a bias correction of 1, and move 2.5-6x the learning rate for tens of steps.
-    Seeded slots (the selector's ``init``) count as mature: their moments are estimates.
     """
 
     def __init__(
@@ -117,26 +95,15 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
                 grad = p.grad.float()
                 state = self.state[p]
                 exp_avg, exp_avg_sq = self._load_moments(state, p)
-                # State saved before per-slot counts: every slot has taken the global steps.
-                slot_steps = state.get("slot_steps")
-                if slot_steps is None:
-                    slot_steps = self._mature_slot_steps(state, p)
                 state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
-                if state["step"].item() <= _MAX_SLOT_STEPS:  # no slot counts more than the steps
-                    slot_steps += 1
-                else:
-                    slot_steps += slot_steps < _MAX_SLOT_STEPS
-                state["slot_steps"] = slot_steps
+                step = state["step"].item()
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                # 1 / (1 - beta1^n) and 1 / sqrt(1 - beta2^n) for each slot's n, looked up.
-                inv_bc1, inv_bc2_sqrt = _bias_corrections(beta1, beta2, p.device)
-                n = slot_steps.int()
-                denom = exp_avg_sq.sqrt().mul_(inv_bc2_sqrt.index_select(0, n)).add_(eps)
+                denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
                 value = p.float()
                 if wd:
                     value.mul_(1 - lr * wd)
-                value.addcdiv_(inv_bc1.index_select(0, n).mul_(exp_avg), denom, value=-lr)
+                value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
                 _write(p, value)
                 self._store_moments(state, exp_avg, exp_avg_sq)
         return loss
@@ -154,22 +121,6 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
             state,
             _remap(exp_avg, source, init.get("exp_avg")),
             _remap(exp_avg_sq, source, init.get("exp_avg_sq")),
-        )
-        # Regrown slots restart their count (fresh Adam), unless their moments were seeded.
-        slot_steps = state.get("slot_steps")
-        if slot_steps is None:
-            slot_steps = self._mature_slot_steps(state, param)
-        fresh = None
-        if "exp_avg" in init:
-            fresh = self._mature_slot_steps(state, param)
-        state["slot_steps"] = _remap(slot_steps, source, fresh)
-
-    @staticmethod
-    def _mature_slot_steps(state: dict, param: Tensor) -> Tensor:
-        """Per-slot counts for slots that have taken every step so far (int16, saturating)."""
-        taken = int(state["step"].item()) if "step" in state else 0
-        return torch.full(
-            param.shape, min(taken, _MAX_SLOT_STEPS), dtype=torch.int16, device=param.device
         )
 
 
