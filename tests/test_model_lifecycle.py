@@ -113,6 +113,29 @@ def test_merge_and_unload_returns_plain_model():
     assert torch.equal(logits(plain), expected)
 
 
+def test_peft_merge_names_and_merge_and_unload_options():
+    model = trained()
+    expected = logits(model)
+    assert model.get_base_model() is model.base_model
+    model.merge_adapter()
+    assert torch.equal(logits(model), expected)
+    model.unmerge_adapter()
+    assert torch.equal(logits(model), expected)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        model.merge_and_unload(adapter_names=["nope"])
+    # safe_merge: broken deltas are caught and nothing is merged.
+    base = {n: p.clone() for n, p in model.base_model.named_parameters() if "spiel" not in n}
+    next(iter(model.sparse_deltas().values())).values.data[0] = float("nan")
+    with pytest.raises(ValueError, match=r"safe_merge: merging .* NaN or inf"):
+        model.merge_and_unload(safe_merge=True)
+    assert all(torch.equal(p, base[n]) for n, p in model.base_model.named_parameters() if n in base)
+    assert not any(layer.merged_adapters for layer in model.spiel_layers().values())
+    next(iter(model.sparse_deltas().values())).values.data[0] = 0.0
+    expected = logits(model)
+    plain = model.merge_and_unload(safe_merge=True, progressbar=True, adapter_names=["default"])
+    assert torch.equal(logits(plain), expected)
+
+
 def test_disable_adapter_runs_the_base_model():
     base_logits = logits(tiny_llama())
     model = trained()

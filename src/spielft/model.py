@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .config import SpielConfig
 from .files import atomic_write
@@ -415,10 +416,40 @@ class SpielModel(nn.Module):
         for layer in self.spiel_layers().values():
             layer.unmerge()
 
+    # peft's names for the same three things.
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        self.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        self.unmerge()
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def _non_finite_merged_layers(self) -> list[str]:
+        """Names of the merged layers whose merged weights hold a NaN or an infinity."""
+        bad = []
+        for name, layer in self.spiel_layers().items():
+            flat = layer._merge_target().view(-1)
+            if any(not flat[idx.to(flat.device)].isfinite().all()
+                   for idx, _ in layer._merge_backup.values()):
+                bad.append(name)
+        return bad
+
     def merge_and_unload(
-        self, dequantize: bool = False, dtype: torch.dtype | None = None
+        self,
+        dequantize: bool = False,
+        dtype: torch.dtype | None = None,
+        *,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
     ) -> nn.Module:
         """The plain base model with W + delta in its weights; the wrapper is dismantled.
+
+        As in peft, ``adapter_names`` picks the adapters to merge (default: the active ones),
+        ``safe_merge`` checks the merged full-precision weights for NaN/inf first (and raises,
+        leaving the model as it was) and ``progressbar`` shows one.
 
         A quantized (bitsandbytes) weight cannot take the deltas without being requantized,
         which would silently lose most of them, so with quantized layers this raises unless
@@ -431,19 +462,37 @@ class SpielModel(nn.Module):
         result yourself if you want a quantized merged model. ``dtype`` only applies to the
         dequantized layers.
         """
+        names = adapter_names or self.active_adapters
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
         layers = self.spiel_layers()
         if not dequantize:
             self._refuse_quantized(
                 "Use merge_and_unload(dequantize=True) to get a dequantized model with the "
                 "deltas merged."
             )
-            self.merge()
+        if safe_merge:  # merge reversibly, check, and only then dismantle
+            for layer in layers.values():
+                if not isinstance(layer, SpielQuantLinear):
+                    layer.merge(names)
+            bad = self._non_finite_merged_layers()
+            if bad:
+                self.unmerge()
+                raise ValueError(
+                    f"safe_merge: merging {names} gives NaN or inf weights in {len(bad)} "
+                    f"layers (e.g. {bad[0]!r}); nothing was merged. The adapter's deltas are "
+                    "probably broken (check training for divergence)."
+                )
+        if not dequantize:
+            for layer in tqdm(layers.values(), desc="merging", disable=not progressbar):
+                layer.merge(names)
             return self.unload(keep_merged=True)
-        for name, layer in layers.items():
+        for name, layer in tqdm(layers.items(), desc="merging", disable=not progressbar):
             if isinstance(layer, SpielQuantLinear):
-                replacement = layer.dequantized_linear(self.active_adapters, dtype)
+                replacement = layer.dequantized_linear(names, dtype)
             else:
-                layer.merge(self.active_adapters)
+                layer.merge(names)
                 replacement = layer.base_layer
             self._set_module(name, replacement)
         for name, module in list(self.base_model.named_modules()):
