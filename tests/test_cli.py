@@ -143,12 +143,17 @@ def test_overwrite_removes_the_earlier_runs_outputs(tmp_path, tiny_model_dir, ti
     assert (out / "model").is_dir() and (out / "notes.txt").read_text() == "mine"
 
 
-def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, tiny_model_dir, capsys,
+                                                           monkeypatch):
+    from spielft.cli import train as recipe
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n')
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--fields",
-                 "question,answer", "--output", str(out)]) == 2
+    with monkeypatch.context() as patch:  # the data file is read before the model loads
+        patch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(bad), "--fields",
+                     "question,answer", "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 2" in err
     assert not out.exists() or not any(out.iterdir())

@@ -136,6 +136,18 @@ def test_peft_merge_names_and_merge_and_unload_options():
     assert torch.equal(logits(plain), expected)
 
 
+def test_a_second_wrapper_cannot_overwrite_the_first_ones_adapter():
+    base = tiny_llama()
+    first = get_spiel_model(base, SpielConfig(density=0.05))
+    randomize(first)
+    expected = logits(first)
+    with pytest.raises(ValueError, match="already carries a spielft adapter 'default'"):
+        get_spiel_model(base, SpielConfig(density=0.05, seed=1))
+    assert torch.equal(logits(first), expected)
+    second = get_spiel_model(base, SpielConfig(density=0.05, seed=1), adapter_name="other")
+    assert set(second.spiel_layers()) == set(first.spiel_layers())
+
+
 def test_disable_adapter_runs_the_base_model():
     base_logits = logits(tiny_llama())
     model = trained()

@@ -262,6 +262,12 @@ class SpielModel(nn.Module):
         """Add an adapter: random initial indices, or ``state`` (module -> (indices, values))."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+        if any(adapter_name in layer.spiel_deltas for layer in self.spiel_layers().values()):
+            raise ValueError(
+                f"the base model already carries a spielft adapter {adapter_name!r} (another "
+                "SpielModel wrapped it): add this one under another name through that "
+                "SpielModel (add_adapter / load_adapter), or start from a fresh base model."
+            )
         config.validate()
         if state is None:
             targets = find_target_modules(self.base_model, config)

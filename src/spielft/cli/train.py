@@ -123,8 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- the pieces ----------------------------------------------------------------------------------------
 
 
-def prepare_data(args, tokenizer) -> tuple[Any, Any, list[dict], dict[str, Any]]:
-    """Train and eval datasets (tokenized), eval records for generation, and a summary."""
+def read_data(args) -> tuple[list[dict], list[dict]]:
+    """Training and held-out records, validated: read before the model loads, so that a
+    malformed file fails in seconds."""
     fields = parse_fields(args.fields)
     if args.data == DEMO:
         train_records = load_records(demo_dataset("train", args.max_train_examples))
@@ -144,7 +145,13 @@ def prepare_data(args, tokenizer) -> tuple[Any, Any, list[dict], dict[str, Any]]
             train_records = train_records[: args.max_train_examples]
     if not train_records or not held_out:
         raise ValueError("need at least one training and one held-out record")
-    eval_records = held_out[: args.eval_examples]
+    return train_records, held_out[: args.eval_examples]
+
+
+def prepare_data(args, tokenizer, records: tuple[list[dict], list[dict]] | None = None
+                 ) -> tuple[Any, Any, list[dict], dict[str, Any]]:
+    """Train and eval datasets (tokenized), eval records for generation, and a summary."""
+    train_records, eval_records = records if records is not None else read_data(args)
     train_set, train_stats = tokenize_records(train_records, tokenizer, max_length=args.max_length,
                                               train_on_prompt=args.train_on_prompt, packing=args.packing)
     eval_set, _ = tokenize_records(eval_records, tokenizer, max_length=args.max_length)
@@ -375,9 +382,10 @@ def _train(args: argparse.Namespace) -> int:
         args.max_steps = DEMO_STEPS if args.data == DEMO and args.epochs is None else -1
     check_output(args)
     method_config = validate_args(args)  # before any slow work: bad input fails in seconds
+    records = read_data(args)  # a malformed data file too
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.quantize)
-    train_set, eval_set, eval_records, data_summary = prepare_data(args, tokenizer)
+    train_set, eval_set, eval_records, data_summary = prepare_data(args, tokenizer, records)
     steps = planned_steps(args, len(train_set))
     resumed = checkpoint_step(args)
     if resumed is not None and resumed[1] >= steps:
