@@ -276,6 +276,24 @@ def test_labels_mask_exactly_the_prompt(tiny_tokenizer):
     assert all_ids == input_ids and all_labels == input_ids
 
 
+def test_every_assistant_turn_of_a_chat_gets_the_loss(tiny_tokenizer):
+    """As trl's assistant_only_loss: both answers are labelled, the user turns are not."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6"}]
+    input_ids, labels, prompt_len = tokenize_example(messages, tiny_tokenizer)
+    labelled = [t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(labelled) == "4<|im_end|>\n6<|im_end|>\n"
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(input_ids, labels, strict=True))
+    first_prompt = tiny_tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True,
+                                                      tokenize=False)
+    assert prompt_len == len(tiny_tokenizer(first_prompt, add_special_tokens=False)["input_ids"])
+    # A single-turn example is labelled as before: its last (only) answer.
+    single, single_labels, _ = tokenize_example(messages[:3], tiny_tokenizer)
+    kept = [t for t, label in zip(single, single_labels, strict=True) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(kept) == "4<|im_end|>\n"
+
+
 class _DummyPrefixTokenizer:
     """A SentencePiece-like tokenizer: every call's text starts with an extra marker token."""
 

@@ -412,6 +412,12 @@ def tokenize_example(
     those of the whole conversation after the prompt's, as the model meets them in context;
     only if the tokenizer merges across the boundary (the prompt's tokens are then not a prefix)
     is the completion tokenised on its own.
+
+    In a multi-turn conversation every assistant turn gets the loss (as trl's
+    ``assistant_only_loss``), each found the same way, as the tokens between the conversation
+    up to it with a generation prompt and the conversation through it; ``prompt_length`` is
+    then where the first assistant turn starts. If a template or tokenizer breaks that prefix
+    property for an earlier turn, only the last turn gets the loss.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -438,12 +444,36 @@ def tokenize_example(
             "input_ids"
         ]
     input_ids = prompt_ids + list(completion_ids)
-    labels = (
-        list(input_ids)
-        if train_on_prompt
-        else [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
-    )
-    return input_ids, labels, len(prompt_ids)
+    if train_on_prompt:
+        return input_ids, list(input_ids), len(prompt_ids)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
+    earlier = _earlier_assistant_spans(messages, tokenizer, input_ids)
+    for start, end in earlier:
+        labels[start:end] = input_ids[start:end]
+    return input_ids, labels, earlier[0][0] if earlier else len(prompt_ids)
+
+
+def _earlier_assistant_spans(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, input_ids: list[int]
+) -> list[tuple[int, int]]:
+    """Token spans of the assistant turns before the last one, or [] where they cannot be
+    found as exact token prefixes of ``input_ids`` (then only the last turn is trained)."""
+    spans = []
+    for i, message in enumerate(messages[:-1]):
+        if message["role"] != "assistant" or i == 0:  # an opening greeting has no prompt
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        start_ids = list(tokenizer(before, add_special_tokens=False)["input_ids"])
+        end_ids = list(tokenizer(through, add_special_tokens=False)["input_ids"])
+        if (
+            not through.startswith(before)
+            or input_ids[: len(start_ids)] != start_ids
+            or input_ids[: len(end_ids)] != end_ids
+        ):
+            return []
+        spans.append((len(start_ids), len(end_ids)))
+    return spans
 
 
 def tokenize_records(
