@@ -342,6 +342,9 @@ def test_tokenize_records_truncates_and_drops(tiny_tokenizer):
     assert tiny_tokenizer.decode(kept) == "a long completion that will be cut"[: len(kept)]
     with pytest.raises(DataError, match="No usable examples"):
         tokenize_records(records[2:], tiny_tokenizer, max_length=max_length)
+    # With the loss on the prompt too, a long prompt still teaches something: kept, cut.
+    _, stats = tokenize_records(records, tiny_tokenizer, max_length=max_length, train_on_prompt=True)
+    assert (stats.num_examples, stats.num_truncated, stats.num_dropped) == (3, 2, 0)
 
 
 def make_examples(tokenizer, n: int = 7) -> list[dict]:

@@ -488,7 +488,8 @@ def tokenize_records(
 
     Columns: ``input_ids`` and ``labels`` (``-100`` on the prompt unless ``train_on_prompt``), plus
     ``position_ids`` when ``packing``. Sequences longer than ``max_length`` are cut at the end
-    (the prompt's start is kept); examples whose completion is cut entirely are dropped. With
+    (the prompt's start is kept); examples whose completion is cut entirely are dropped (unless
+    ``train_on_prompt``: their prompt still carries the loss). With
     ``packing``, examples are combined into rows of at most ``max_length`` tokens (see
     :func:`pack_examples`). Use :class:`CausalLMCollator` to batch the result.
     """
@@ -501,7 +502,7 @@ def tokenize_records(
         input_ids, labels, prompt_len = tokenize_example(
             record["messages"], tokenizer, train_on_prompt=train_on_prompt
         )
-        if prompt_len >= max_length:
+        if prompt_len >= max_length and not train_on_prompt:  # no label would be left
             stats.num_dropped += 1
             continue
         if len(input_ids) > max_length:

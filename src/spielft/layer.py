@@ -15,6 +15,7 @@ from .ops import (
     merged_values,
     sparse_delta_embedding,
     sparse_delta_linear,
+    weight_lock,
 )
 
 
@@ -199,31 +200,38 @@ class SpielLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Write the deltas into the base weight (exactly reversible by `unmerge`)."""
-        flat = self._merge_target().view(-1)
-        for name in adapter_names or self.active_adapters:
-            if name in self.merged_adapters or name not in self.spiel_deltas:
-                continue
-            delta = self.spiel_deltas[name]
-            idx = delta.indices.long()
-            self._merge_backup[name] = (idx, flat[idx].clone())
-            flat[idx] = merged_values(flat[idx], delta.values)
-            self.merged_adapters.append(name)
+        """Write the deltas into the base weight (exactly reversible by `unmerge`).
+
+        Under the weight's lock, as forwards patch it: a merge never interleaves with one.
+        """
+        weight = self._merge_target()
+        flat = weight.view(-1)
+        with weight_lock(weight):
+            for name in adapter_names or self.active_adapters:
+                if name in self.merged_adapters or name not in self.spiel_deltas:
+                    continue
+                delta = self.spiel_deltas[name]
+                idx = delta.indices.long()
+                self._merge_backup[name] = (idx, flat[idx].clone())
+                flat[idx] = merged_values(flat[idx], delta.values)
+                self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the pretrained weight, undoing merges in reverse order."""
         if not self.merged_adapters:
             return
-        flat = self._merge_target().view(-1)
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            idx, before = self._merge_backup[name]
-            # The model may have been moved or cast (``.to``) since the merge.
-            flat[idx.to(flat.device)] = before.to(device=flat.device, dtype=flat.dtype)
-            # Forget the backup only once it is written back: a failure leaves it retryable.
-            del self._merge_backup[name]
-            self.merged_adapters.pop()
+        weight = self._merge_target()
+        flat = weight.view(-1)
+        with weight_lock(weight):
+            while self.merged_adapters:
+                name = self.merged_adapters[-1]
+                idx, before = self._merge_backup[name]
+                # The model may have been moved or cast (``.to``) since the merge.
+                flat[idx.to(flat.device)] = before.to(device=flat.device, dtype=flat.dtype)
+                # Forget the backup only once it is written back: a failure stays retryable.
+                del self._merge_backup[name]
+                self.merged_adapters.pop()
 
 
 class SpielLinear(SpielLayer):
