@@ -193,19 +193,27 @@ def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_data)
     import socket
     import subprocess
     import sys
+    import warnings
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(port), "-m", "spielft.cli", "train", "--model",
-           str(tiny_model_dir), "--data", str(tiny_data), "--fields", "question,answer", "--output",
-           str(out), "--max-steps", "4", "--batch-size", "2", "--val-size", "4", "--eval-examples", "4",
-           "--reselection-steps", "2", "--accumulation-steps", "1", "--no-generate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    failures = []
+    for attempt in range(2):  # once more on a fresh port: the probed one can be taken meanwhile
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = tmp_path / f"ddp{attempt}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+               "127.0.0.1", "--master-port", str(port), "-m", "spielft.cli", "train", "--model",
+               str(tiny_model_dir), "--data", str(tiny_data), "--fields", "question,answer", "--output",
+               str(out), "--max-steps", "4", "--batch-size", "2", "--val-size", "4", "--eval-examples",
+               "4", "--reselection-steps", "2", "--accumulation-steps", "1", "--no-generate"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        if proc.returncode == 0:
+            break
+        failures.append(proc.stderr[-4000:])
+    assert proc.returncode == 0, "\n--- retry ---\n".join(failures)
+    if failures:
+        warnings.warn(f"the first launch failed, the retry passed: {failures[0]}", stacklevel=1)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["world_size"] == 2  # really data-parallel
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,19 +36,26 @@ def _free_port() -> int:
 
 
 def _launch(make_cmd, out: Path, timeout: int = 240) -> None:
-    """Run a 2-process launcher command (retried once if the port was taken meanwhile)."""
+    """Run a 2-process launcher command, once more on a fresh port if the first try fails.
+
+    The free port can be taken between our probe and the launcher's bind, and the launchers do
+    not always say so; a retried failure is reported as a warning with its output, and a
+    second failure fails the test with both.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    for attempt in range(2):
+    first = None
+    for _ in range(2):
         proc = subprocess.run(
             make_cmd(_free_port()), env=env, capture_output=True, text=True, timeout=timeout
         )
+        report = f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         if proc.returncode == 0:
+            if first is not None:
+                warnings.warn(f"the first launch failed, the retry passed. {first}", stacklevel=2)
             return
-        if attempt == 0 and "address already in use" in (proc.stderr + proc.stdout).lower():
-            continue
-        pytest.fail(
-            f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        )
+        if first is not None:
+            pytest.fail(f"{first}\n--- retry ---\n{report}")
+        first = report
 
 
 @pytest.fixture(scope="module")

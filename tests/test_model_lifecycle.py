@@ -203,6 +203,22 @@ def _dense_deltas(model, adapter):
     return {n: d.to_dense(torch.float32) for n, d in model.sparse_deltas(adapter).items()}
 
 
+def test_save_selected_adapters_in_peft_layout(tmp_path):
+    model = trained()
+    model.add_adapter("task", SpielConfig(density=0.05, seed=3))
+    randomize(model, "task", seed=4)
+    model.save_pretrained(tmp_path, selected_adapters=["default", "task"])
+    assert (tmp_path / ADAPTER_WEIGHTS_NAME).is_file()
+    assert (tmp_path / "task" / ADAPTER_WEIGHTS_NAME).is_file()
+    again = SpielModel.from_pretrained(tiny_llama(), tmp_path)
+    again.load_adapter(tmp_path / "task", "task")
+    for name in ("default", "task"):
+        for module, delta in model.sparse_deltas(name).items():
+            loaded = again.sparse_deltas(name)[module]
+            assert torch.equal(loaded.indices, delta.indices)
+            assert torch.equal(loaded.values, delta.values)
+
+
 def test_several_adapters_add_up_and_can_be_deleted(tmp_path):
     first = trained()
     first.save_pretrained(tmp_path / "a")
@@ -304,7 +320,7 @@ def test_metadata_that_is_not_json_names_the_file(tmp_path):
 
 
 def test_saving_an_unknown_adapter_names_the_available_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown adapter 'nope' .* available: \['default'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\] .* available: \['default'\]"):
         trained().save_pretrained(tmp_path, adapter_name="nope")
     assert not list(tmp_path.iterdir())
 

@@ -591,20 +591,36 @@ class SpielModel(nn.Module):
 
     # -- saving and loading ------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, adapter_name: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str | None = None,
+        *,
+        selected_adapters: list[str] | None = None,
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
 
-        The weights file also carries the whole config in its metadata and is replaced first,
-        so a save interrupted at any point leaves a loadable, self-consistent adapter.
+        Saves ``adapter_name`` (default: the active adapter) at the top of ``save_directory``;
+        or, with ``selected_adapters``, each of them as peft lays them out: ``"default"`` at the
+        top, any other in a subfolder named after it (load it with ``load_adapter(dir/name,
+        name)``). The weights file also carries the whole config in its metadata and is
+        replaced first, so a save interrupted at any point leaves a loadable, self-consistent
+        adapter.
         """
-        adapter_name = adapter_name or self.active_adapter
-        if adapter_name not in self.peft_config:
+        names = [adapter_name or self.active_adapter] if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
             raise ValueError(
-                f"cannot save unknown adapter {adapter_name!r} to {save_directory}; available: "
-                f"{list(self.peft_config)}"
+                f"cannot save unknown adapter(s) {unknown or names} to {save_directory}; "
+                f"available: {list(self.peft_config)}"
             )
-        directory = Path(save_directory)
+        if selected_adapters is None:
+            self._save_adapter(Path(save_directory), names[0])
+            return
+        for name in names:
+            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+            self._save_adapter(folder, name)
+
+    def _save_adapter(self, directory: Path, adapter_name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         deltas = self.sparse_deltas(adapter_name)
         tensors: dict[str, Tensor] = {}
