@@ -32,19 +32,28 @@ def _one_layer(regrowth, k, out_f=3, in_f=4, **overrides):
     return model, delta
 
 
-def _backward_with_weight_grad(model, grad):
-    """A loss whose gradient w.r.t. the full weight is exactly ``grad`` (out x in)."""
+def _three_deltas(regrowth, values, **overrides):
+    """A 3 x 4 layer with deltas at flat positions 0, 5, 10 holding ``values``, its zero-lr
+    optimizer and its selector."""
+    model, delta = _one_layer(regrowth, k=3, **overrides)
+    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
+    with torch.no_grad():
+        delta.values.copy_(torch.tensor(values))
+    opt = model.create_optimizer(lr=0.0)
+    return model, delta, opt, model.create_selector(opt, total_steps=1000)
+
+
+def _backward_with_weight_grad(model, grad, scaler=None):
+    """A loss whose gradient w.r.t. the full weight is exactly ``grad`` (out x in), times
+    ``scaler``'s loss scale if given."""
     x = torch.eye(grad.shape[1])
-    (model(x) * grad.T).sum().backward()
+    loss = (model(x) * grad.T).sum()
+    (loss if scaler is None else scaler.scale(loss)).backward()
 
 
 def test_ag_drops_smallest_and_regrows_largest_accumulated_gradient():
-    model, delta = _one_layer("ag", k=3)
-    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
-    with torch.no_grad():
-        delta.values.copy_(torch.tensor([0.3, -0.01, 0.2]))  # index 5 has the smallest |delta|
-    opt = model.create_optimizer(lr=0.0)
-    selector = model.create_selector(opt, total_steps=1000)
+    # Index 5 has the smallest |delta|.
+    model, delta, opt, selector = _three_deltas("ag", [0.3, -0.01, 0.2])
     # Step 1 is outside the window (update at step 2, window of 1 step).
     _backward_with_weight_grad(model, torch.full((3, 4), 100.0))
     _step(opt, selector)
@@ -91,12 +100,8 @@ def test_ag_scores_divided_by_input_rms(normalize, regrown):
     # Position 1 (row 0, column 1) has gradient 3 on an input 10x louder than the others;
     # position 2 has gradient 4. Raw |sum g x| prefers 1 (30 > 4); normalised by the input
     # RMS (10/2 and 1/2) the scores are 6 and 8, and 2 wins.
-    model, delta = _one_layer("ag", k=3, normalize_regrowth_by_input=normalize)
-    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
-    with torch.no_grad():
-        delta.values.copy_(torch.tensor([0.3, -0.01, 0.2]))
-    opt = model.create_optimizer(lr=0.0)
-    selector = model.create_selector(opt, total_steps=1000)
+    model, delta, opt, selector = _three_deltas("ag", [0.3, -0.01, 0.2],
+                                                normalize_regrowth_by_input=normalize)
     _backward_with_weight_grad(model, torch.ones(3, 4))
     _step(opt, selector)
     grad = torch.zeros(3, 4)
@@ -111,12 +116,9 @@ def test_ag_scores_divided_by_input_rms(normalize, regrown):
 
 @pytest.mark.parametrize("normalize, regrown", [(False, 9), (True, 4)])
 def test_ma_regrows_top_row_times_col_over_input_mean_square(normalize, regrown):
-    model, delta = _one_layer("ma", k=3, normalize_regrowth_by_input=normalize)
-    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
-    with torch.no_grad():
-        delta.values.copy_(torch.tensor([0.3, 0.2, -0.01]))  # index 10 is dropped
-    opt = model.create_optimizer(lr=0.0)
-    selector = model.create_selector(opt, total_steps=1000)
+    # Index 10 has the smallest |delta| and is dropped.
+    model, delta, opt, selector = _three_deltas("ma", [0.3, 0.2, -0.01],
+                                                normalize_regrowth_by_input=normalize)
     _backward_with_weight_grad(model, torch.ones(3, 4))
     _step(opt, selector)
     # MA's window (step 2) needs no dense gradient, only the inputs' mean squares.
@@ -348,18 +350,9 @@ def test_selector_under_accelerate_counts_optimizer_steps_not_micro_batches(
     assert selector.step_count == 4 and updates == [3, 7]  # micro-batches 3, 7: steps 2, 4
 
 
-def _scaled_backward(model, grad, scaler):
-    x = torch.eye(grad.shape[1])
-    scaler.scale((model(x) * grad.T).sum()).backward()
-
-
 def test_ag_sums_are_unscaled_and_drop_overflowed_micro_batches():
-    model, delta = _one_layer("ag", k=3, ag_seed_optimizer_state=True)
-    delta.indices.copy_(torch.tensor([0, 5, 10], dtype=delta.indices.dtype))
-    with torch.no_grad():
-        delta.values.copy_(torch.tensor([0.3, -0.01, 0.2]))
-    opt = model.create_optimizer(lr=0.0)
-    selector = model.create_selector(opt, total_steps=1000)
+    model, delta, opt, selector = _three_deltas("ag", [0.3, -0.01, 0.2],
+                                                ag_seed_optimizer_state=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     selector.grad_scaler = scaler
 
@@ -369,17 +362,17 @@ def test_ag_sums_are_unscaled_and_drop_overflowed_micro_batches():
         opt.zero_grad()
         return selector.step()
 
-    _scaled_backward(model, torch.ones(3, 4), scaler)
+    _backward_with_weight_grad(model, torch.ones(3, 4), scaler)
     step()  # step 1: outside the window
     overflow = torch.zeros(3, 4)
     overflow[1, 3] = float("inf")
-    _scaled_backward(model, overflow, scaler)  # the window's first micro-batch overflows
+    _backward_with_weight_grad(model, overflow, scaler)  # the window's first micro-batch overflows
     assert not selector.accumulators["0"].started  # no candidates picked from inf/NaN
     g = torch.zeros(12).index_put((torch.tensor([7, 2]),), torch.tensor([5.0, -4.0])).view(3, 4)
-    _scaled_backward(model, g, scaler)
+    _backward_with_weight_grad(model, g, scaler)
     nan = torch.zeros(3, 4)
     nan[0, 1] = float("nan")
-    _scaled_backward(model, nan, scaler)  # a later overflow: dropped, not summed
+    _backward_with_weight_grad(model, nan, scaler)  # a later overflow: dropped, not summed
     acc = selector.accumulators["0"]
     sums = dict(zip(acc.candidates.tolist(), acc.grad_sum.tolist(), strict=True))
     assert sums[7] == pytest.approx(5.0) and sums[2] == pytest.approx(-4.0)  # unscaled

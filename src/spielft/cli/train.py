@@ -22,6 +22,7 @@ import torch.distributed as dist
 from accelerate.utils import get_int_from_env
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import SpielConfig
 from ..data import (
@@ -348,11 +349,8 @@ def checkpoint_step(args) -> tuple[Path, int] | None:
     """The checkpoint ``--resume`` continues from and its step (None when not resuming)."""
     if not args.resume:
         return None
-    if args.resume == "latest":
-        folders = [p for p in Path(args.output).glob("checkpoint-*") if p.name[11:].isdigit()]
-        folder = max(folders, key=lambda p: int(p.name[11:]))
-    else:
-        folder = Path(args.resume)
+    # The checkpoint the Trainer itself picks for resume_from_checkpoint=True.
+    folder = Path(get_last_checkpoint(args.output) if args.resume == "latest" else args.resume)
     state = folder / "trainer_state.json"
     step = json.loads(state.read_text()).get("global_step", 0) if state.is_file() else 0
     return folder, int(step)
