@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = {"floor": "floor (no weight gradient)", "lora": "peft LoRA", "shira": "peft SHiRA",
-         "full": "full fine-tuning (AdamW)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA"}
+         "full": "full fine-tuning (AdamW)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA",
+         "spiel-ag-bf16": "SpIEL-AG, bf16 weight gradient", "spiel-ma-bf16": "SpIEL-MA, bf16 weight gradient"}
 
 
 def speed_tables(result: dict) -> str:

@@ -9,6 +9,9 @@ accumulation windows (dense weight gradients) and updates are included in its av
     python bench/speed.py --model synthetic --hidden 1024 --densities 0.001 0.01 0.05
     python bench/speed.py --memory spiel-ma       # peak RSS of one method, in its own process
 
+``spiel-ag-bf16`` and ``spiel-ma-bf16`` are SpIEL with ``weight_grad_dtype="bfloat16"``: the
+GEMM behind the weight gradient in bfloat16, everything else as in ``spiel-ag``/``spiel-ma``.
+
 Results go to bench/results/*.json.
 """
 
@@ -32,7 +35,7 @@ from spielft import SpielConfig, get_spiel_model
 
 RESULTS = Path(__file__).parent / "results"
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ["floor", "lora", "shira", "full", "spiel-ag", "spiel-ma"]
+METHODS = ["floor", "lora", "shira", "full", "spiel-ag", "spiel-ma", "spiel-ag-bf16", "spiel-ma-bf16"]
 
 
 # -- models and methods ----------------------------------------------------------------------------
@@ -96,8 +99,11 @@ class Method:
             self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         else:
             regrowth = name.split("-")[1]
+            # "-bf16": the weight-gradient GEMM in bfloat16 (SpielConfig.weight_grad_dtype).
+            grad_dtype = "bfloat16" if name.endswith("-bf16") else "float32"
             model = get_spiel_model(model, SpielConfig(
-                num_tunable_weights=budget, regrowth=regrowth, target_modules=LINEAR_NAMES))
+                num_tunable_weights=budget, regrowth=regrowth, target_modules=LINEAR_NAMES,
+                weight_grad_dtype=grad_dtype))
             self.optimizer = model.create_optimizer(lr=1e-4 if regrowth == "ag" else 1e-3)
             self.selector = model.create_selector(self.optimizer, total_steps=total_steps)
         self.model = model
@@ -164,7 +170,7 @@ def time_methods(args: argparse.Namespace, density_budget: int | None = None) ->
     for m in methods:
         timed = m.times[args.warmup:]
         # AG: mean over a whole cycle (windows and updates included); others: median.
-        value = (statistics.fmean(timed[:cycle]) if m.name == "spiel-ag" and len(timed) >= cycle
+        value = (statistics.fmean(timed[:cycle]) if m.name.startswith("spiel-ag") and len(timed) >= cycle
                  else statistics.median(timed))
         out["methods"][m.name] = {"step_seconds": value, "trainable_params": m.trainable(),
                                   "state_bytes_per_param": m.state_bytes_per_param(),
@@ -271,7 +277,9 @@ def main() -> None:
         del probe
         result["by_density"] = {}
         for density in args.densities:
-            sub = argparse.Namespace(**{**vars(args), "methods": ["floor", "lora", "spiel-ag", "spiel-ma"]})
+            timed = ["floor", "lora", "spiel-ag", "spiel-ma"]
+            timed += [m for m in args.methods if m.endswith("-bf16")]
+            sub = argparse.Namespace(**{**vars(args), "methods": timed})
             result["by_density"][str(density)] = time_methods(sub, max(1, round(density * targeted)))
     RESULTS.mkdir(exist_ok=True)
     path = Path(args.output) if args.output else RESULTS / f"speed_{result['model'].replace('/', '_')}.json"

@@ -35,6 +35,8 @@ def tiny_llama(seed=0, vocab=64):
         ({"accumulation_steps": 30}, "accumulation_steps must be an integer in \\[1, reselection_steps=20\\]"),
         ({"initial_reselection_rate": -0.1}, "initial_reselection_rate"),
         ({"delta_dtype": "int8"}, "delta_dtype must be one of"),
+        ({"weight_grad_dtype": "float16"}, "weight_grad_dtype must be one of"),
+        ({"weight_grad_dtype": ["bfloat16"]}, "weight_grad_dtype must be one of"),
         ({"regrowth": "ma", "ag_seed_optimizer_state": True}, "ag_seed_optimizer_state .* regrowth='ag'"),
         ({"num_tunable_weights": 100.5}, "num_tunable_weights must be a positive integer"),
         ({"num_tunable_weights": "100"}, "num_tunable_weights must be a positive integer"),
@@ -70,6 +72,31 @@ def test_saved_config_from_before_input_normalisation_keeps_raw_scores():
     saved = SpielConfig(regrowth="ma").to_dict()
     del saved["normalize_regrowth_by_input"]  # as written before the field existed
     assert SpielConfig.from_dict(saved).normalize_regrowth_by_input is False
+
+
+def test_bfloat16_weight_gradients_reach_every_linear_delta_and_round_trip(tmp_path, monkeypatch):
+    config = SpielConfig(density=0.2, weight_grad_dtype=torch.bfloat16)
+    assert config.weight_grad_dtype == "bfloat16"
+    monkeypatch.setattr("spielft.model._cpu_has_bf16_units", lambda: True)
+    model = get_spiel_model(tiny_llama(), config)
+    deltas = [d for layer in model.spiel_layers().values() for d in layer.spiel_deltas.values()]
+    assert deltas and all(d.grad_dtype == torch.bfloat16 for d in deltas)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].weight_grad_dtype == "bfloat16"
+    assert all(d.grad_dtype == torch.bfloat16
+               for layer in loaded.spiel_layers().values() for d in layer.spiel_deltas.values())
+    # Two live adapters that disagree compute the exact (float32) gradient.
+    model.add_adapter("exact", SpielConfig(density=0.2, seed=1))
+    model.set_adapter(["default", "exact"])
+    layer = next(iter(model.spiel_layers().values()))
+    assert layer.combined_delta().grad_dtype is None
+
+
+def test_bfloat16_weight_gradients_warn_on_a_cpu_without_bf16_units(monkeypatch):
+    monkeypatch.setattr("spielft.model._cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="without AVX512-BF16 or AMX"):
+        get_spiel_model(tiny_llama(), SpielConfig(density=0.2, weight_grad_dtype="bfloat16"))
 
 
 def test_budget_larger_than_targets_and_unmatched_patterns_fail_clearly():

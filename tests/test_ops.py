@@ -159,3 +159,61 @@ def test_concurrent_forwards_leave_the_shared_weight_intact():
         thread.join()
     assert not errors
     assert torch.equal(weight, frozen)
+
+
+def _bf16_rounded_grad(grad, x, indices, out_f, in_f):
+    """The float64 weight gradient of bf16-rounded operands, at ``indices``."""
+    g2 = grad.reshape(-1, out_f).bfloat16().double()
+    x2 = x.detach().reshape(-1, in_f).bfloat16().double()
+    return (g2.T @ x2).view(-1)[indices.long()]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("density", [0.02, 0.5])  # below and above BF16_DENSE_SDDMM_DENSITY
+def test_bfloat16_weight_gradient_is_the_rounded_operands_product(density, transposed):
+    # The bf16 GEMM's gradient equals the exact product of the bf16-rounded operands up to the
+    # bf16 rounding of its output; below the threshold the exact sparse paths are used.
+    weight, b, indices, values, x = _case(24, 20, density, (3, 10), True, dtype=torch.float32)
+    w = weight.T.contiguous() if transposed else weight
+    out = sparse_delta_linear(x, w, b, indices, values, transposed=transposed,
+                              grad_dtype=torch.bfloat16)
+    exact = sparse_delta_linear(x, w, b, indices, values, transposed=transposed)
+    torch.testing.assert_close(out, exact, rtol=0, atol=0)  # the forward is unchanged
+    grad = torch.randn_like(out)
+    gx, gv = torch.autograd.grad(out, (x, values), grad)
+    rx, rv = torch.autograd.grad(exact, (x, values), grad)
+    torch.testing.assert_close(gx, rx, rtol=0, atol=0)  # so is the input gradient
+    assert gv.dtype == torch.float32
+    if density < ops.BF16_DENSE_SDDMM_DENSITY:
+        torch.testing.assert_close(gv, rv, rtol=0, atol=0)
+        return
+    left, right = (x, grad) if transposed else (grad, x)
+    shape = (20, 24) if transposed else (24, 20)
+    rounded = _bf16_rounded_grad(left, right.reshape(-1, shape[1]), indices, *shape)
+    torch.testing.assert_close(gv.double(), rounded, rtol=2**-8, atol=1e-6)
+    # against the exact gradient: a relative error of a few bf16 ulps of the largest entry
+    assert (gv - rv).abs().max() <= 2**-6 * rv.abs().max()
+    assert not torch.equal(gv, rv), "the bf16 GEMM was not used"
+
+
+def test_bfloat16_dense_capture_is_the_rounded_operands_product():
+    weight, b, indices, values, x = _case(10, 7, 0.2, (6,), False, dtype=torch.float32)
+    capture = RecordingCapture(dense=True)
+    out = sparse_delta_linear(x, weight, b, indices, values, captures=[capture],
+                              grad_dtype=torch.bfloat16)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    (dense,) = capture.dense
+    assert dense.dtype == torch.float32 and dense.shape == (10, 7)
+    everything = torch.arange(70)
+    rounded = _bf16_rounded_grad(grad, x, everything, 10, 7).view(10, 7)
+    torch.testing.assert_close(dense.double(), rounded, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(values.grad, dense.view(-1)[indices.long()], rtol=0, atol=0)
+
+
+def test_bfloat16_gemm_leaves_float64_exact_when_not_asked():
+    g = torch.randn(9, 5, dtype=torch.float64)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    assert ops.weight_grad(g, x).dtype == torch.float64
+    torch.testing.assert_close(ops.weight_grad(g, x), g.T @ x, rtol=0, atol=0)
+    assert ops.weight_grad(g, x, torch.bfloat16).dtype == torch.float64

@@ -75,6 +75,23 @@ def test_sm3_matches_reference_and_uses_row_col_memory():
     assert set(opt.state[delta.values]) == {"row_acc", "col_acc"}  # O(rows + cols)
 
 
+def test_sm3_covered_rows_and_cols_are_replaced_and_the_others_kept():
+    # After a reselection the accumulators hold older, larger maxima: a covered row/column
+    # becomes the max of its new nu (which may be lower), an uncovered one keeps its value.
+    delta = SparseDelta((3, 4), torch.tensor([0, 5]))  # (0, 0) and (1, 1)
+    opt = SM3([delta.values], lr=0.1, sparse_deltas={delta.values: delta})
+    delta.values.grad = torch.ones(2)
+    opt.step()
+    row, col = opt.row_col_scores(delta.values)
+    row.copy_(torch.tensor([9.0, 0.5, 7.0]))
+    col.copy_(torch.tensor([0.25, 8.0, 6.0, 5.0]))
+    delta.values.grad = torch.tensor([1.0, 2.0])
+    opt.step()
+    # nu(0, 0) = min(9, 0.25) + 1 = 1.25; nu(1, 1) = min(0.5, 8) + 4 = 4.5
+    torch.testing.assert_close(row, torch.tensor([1.25, 4.5, 7.0]))
+    torch.testing.assert_close(col, torch.tensor([1.25, 4.5, 6.0, 5.0]))
+
+
 def test_sm3_momentum_buffer_remapped():
     delta = SparseDelta((3, 3), torch.tensor([0, 4, 8]))
     opt = SM3([delta.values], lr=0.1, momentum=0.9, sparse_deltas={delta.values: delta})

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GRAD_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 ALL_LINEAR = "all-linear"  # peft's keyword: every supported linear layer but the output head
 
 
@@ -95,6 +96,13 @@ class SpielConfig:
             (regrown deltas take full Adam steps at once; zeroed moments start at about half).
         delta_dtype: dtype of the trainable deltas (``"float32"``, ``"bfloat16"``,
             ``"float16"``). Optimizer state is always float32.
+        weight_grad_dtype: dtype of the GEMM behind a linear layer's weight gradient, from
+            which the deltas' gradient is gathered (from 5% density up) and AG's scores are
+            accumulated: ``"float32"`` (exact) or ``"bfloat16"``, which rounds the two
+            operands to bfloat16 as mixed-precision training does for every weight gradient.
+            The forward pass and the gradients flowing to the rest of the model are unchanged.
+            ``"bfloat16"`` halves that GEMM's time on CPUs with AVX512-BF16 or AMX and on GPUs
+            (``bench/speed.py``), but is slower on CPUs without bf16 units.
         seed: Seed of the random initial index sets (identical on every rank).
     """
 
@@ -112,11 +120,14 @@ class SpielConfig:
     normalize_regrowth_by_input: bool | None = None
     ag_seed_optimizer_state: bool = False
     delta_dtype: str = "float32"
+    weight_grad_dtype: str = "float32"
     seed: int = 42
 
     def __post_init__(self) -> None:
         if isinstance(self.delta_dtype, torch.dtype):
             self.delta_dtype = str(self.delta_dtype).removeprefix("torch.")
+        if isinstance(self.weight_grad_dtype, torch.dtype):
+            self.weight_grad_dtype = str(self.weight_grad_dtype).removeprefix("torch.")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
@@ -185,6 +196,11 @@ class SpielConfig:
                 f"SpielConfig.delta_dtype must be one of {sorted(_DTYPES)}, got "
                 f"{self.delta_dtype!r}."
             )
+        if not isinstance(self.weight_grad_dtype, str) or self.weight_grad_dtype not in _GRAD_DTYPES:
+            raise ValueError(
+                f"SpielConfig.weight_grad_dtype must be one of {sorted(_GRAD_DTYPES)}, got "
+                f"{self.weight_grad_dtype!r}."
+            )
         if not _is_int(self.seed):
             raise ValueError(f"SpielConfig.seed must be an integer, got {self.seed!r}.")
         _check_names("target_modules", self.target_modules)
@@ -198,6 +214,11 @@ class SpielConfig:
     @property
     def torch_delta_dtype(self) -> torch.dtype:
         return _DTYPES[self.delta_dtype]
+
+    @property
+    def torch_weight_grad_dtype(self) -> torch.dtype | None:
+        """The GEMM dtype to pass to the ops; None for exact (float32, or float64 inputs)."""
+        return _GRAD_DTYPES[self.weight_grad_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ class SparseDelta(nn.Module):
         indices: Tensor,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        grad_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
@@ -62,6 +64,8 @@ class SparseDelta(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
         # Set by the selector during its statistics windows (see spielft.ops.GradCapture).
         self.grad_capture: GradCapture | None = None
+        # dtype of the GEMM behind the weight gradient (SpielConfig.weight_grad_dtype).
+        self.grad_dtype = grad_dtype
 
     @property
     def numel_dense(self) -> int:
@@ -97,6 +101,15 @@ class SparseDelta(nn.Module):
         if grad is not None:  # a gradient being accumulated over micro-batches follows its slot
             grad.copy_(torch.where(kept, grad[source.clamp(min=0)], 0))
         self.indices = indices.to(device=self.indices.device, dtype=self.indices.dtype)
+
+
+class CombinedDelta(NamedTuple):
+    """What one forward adds to a layer's weight: the live deltas, summed."""
+
+    indices: Tensor
+    values: Tensor
+    captures: list[GradCapture]
+    grad_dtype: torch.dtype | None  # bfloat16 only if every live delta asks for it
 
 
 class SpielLayer(nn.Module):
@@ -164,9 +177,7 @@ class SpielLayer(nn.Module):
             return []
         return [self.spiel_deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
 
-    def combined_delta(
-        self, deltas: list[SparseDelta] | None = None
-    ) -> tuple[Tensor, Tensor, list[GradCapture]] | None:
+    def combined_delta(self, deltas: list[SparseDelta] | None = None) -> CombinedDelta | None:
         """Sorted unique indices and summed values of ``deltas`` (default: all live deltas).
 
         Differentiable with respect to the deltas' values.
@@ -176,8 +187,10 @@ class SpielLayer(nn.Module):
         if not deltas:
             return None
         captures = [d.grad_capture for d in deltas if d.grad_capture is not None]
+        grad_dtypes = {d.grad_dtype for d in deltas}
+        grad_dtype = grad_dtypes.pop() if len(grad_dtypes) == 1 else None
         if len(deltas) == 1:
-            return deltas[0].indices, deltas[0].values, captures
+            return CombinedDelta(deltas[0].indices, deltas[0].values, captures, grad_dtype)
         all_indices = torch.cat([d.indices.long() for d in deltas])
         dtype = deltas[0].values.dtype
         for d in deltas[1:]:
@@ -185,7 +198,7 @@ class SpielLayer(nn.Module):
         indices, inverse = torch.unique(all_indices, sorted=True, return_inverse=True)
         values = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
         values = values.index_add(0, inverse, torch.cat([d.values.to(dtype) for d in deltas]))
-        return indices, values, captures
+        return CombinedDelta(indices, values, captures, grad_dtype)
 
     # -- merging ---------------------------------------------------------------------------------
     def _merge_target(self) -> Tensor:
@@ -250,10 +263,15 @@ class SpielLinear(SpielLayer):
         combined = self.combined_delta()
         if combined is None:
             return self.base_layer(x)
-        indices, values, captures = combined
         return sparse_delta_linear(
-            x, self.weight_source(), self.base_layer.bias, indices, values, captures,
+            x,
+            self.weight_source(),
+            self.base_layer.bias,
+            combined.indices,
+            combined.values,
+            combined.captures,
             transposed=self.transposed,
+            grad_dtype=combined.grad_dtype,
         )
 
 
@@ -291,14 +309,13 @@ class SpielEmbedding(SpielLayer):
         combined = self.combined_delta()
         if combined is None:
             return self.base_layer(ids)
-        indices, values, captures = combined
         base = self.base_layer
-        return sparse_delta_embedding(
+        return sparse_delta_embedding(  # a lookup, no GEMM: grad_dtype does not apply
             ids,
             self.weight_source(),
-            indices,
-            values,
-            captures,
+            combined.indices,
+            combined.values,
+            combined.captures,
             padding_idx=base.padding_idx,
             max_norm=base.max_norm,
             norm_type=base.norm_type,
@@ -339,10 +356,15 @@ class SpielQuantLinear(SpielLayer):
         combined = self.combined_delta()
         if combined is None:
             return self._base_forward(x)
-        indices, values, captures = combined
         dtype = self.compute_dtype(x)
         out = sparse_delta_linear(
-            x.to(dtype), self.weight_source(dtype), self.base_layer.bias, indices, values, captures
+            x.to(dtype),
+            self.weight_source(dtype),
+            self.base_layer.bias,
+            combined.indices,
+            combined.values,
+            combined.captures,
+            grad_dtype=combined.grad_dtype,
         )
         return out.to(x.dtype)
 
@@ -363,10 +385,9 @@ class SpielQuantLinear(SpielLayer):
             [self.spiel_deltas[n] for n in names if n in self.spiel_deltas]
         )
         if combined is not None:
-            indices, values, _ = combined
             flat = weight.view(-1)
-            idx = indices.long()
-            flat[idx] = merged_values(flat[idx], values.detach())
+            idx = combined.indices.long()
+            flat[idx] = merged_values(flat[idx], combined.values.detach())
         dtype = dtype or compute
         base = self.base_layer
         linear = nn.Linear(

@@ -176,6 +176,12 @@ def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.M
     return found
 
 
+def _cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (torch's own checks; False if absent)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 class SpielModel(nn.Module):
     """A base model whose targeted layers carry sparse deltas (one set per adapter).
 
@@ -292,21 +298,34 @@ class SpielModel(nn.Module):
                 rows, cols = layer.weight_shape
                 indices = random_indices(rows * cols, k, generator)
                 device = layer.base_layer.weight.device
-                layer.add_delta(
-                    adapter_name,
-                    SparseDelta((rows, cols), indices, config.torch_delta_dtype, device),
+                delta = SparseDelta(
+                    (rows, cols), indices, config.torch_delta_dtype, device,
+                    grad_dtype=config.torch_weight_grad_dtype,
                 )
+                layer.add_delta(adapter_name, delta)
         else:
             owners = _weight_owners(self.base_model)
             for name, (indices, values) in state.items():
                 layer = self._wrap(name, owners)
                 device = layer.base_layer.weight.device
-                delta = SparseDelta(layer.weight_shape, indices, config.torch_delta_dtype, device)
+                delta = SparseDelta(
+                    layer.weight_shape, indices, config.torch_delta_dtype, device,
+                    grad_dtype=config.torch_weight_grad_dtype,
+                )
                 with torch.no_grad():
                     delta.values.copy_(values)
                 layer.add_delta(adapter_name, delta)
         self.peft_config[adapter_name] = config
         self._mark_trainable()
+        if config.weight_grad_dtype == "bfloat16" and not _cpu_has_bf16_units():
+            on_cpu = any(p.device.type == "cpu" for p in self.base_model.parameters())
+            if on_cpu:
+                warnings.warn(
+                    "SpielConfig.weight_grad_dtype='bfloat16' on a CPU without AVX512-BF16 or "
+                    "AMX: its bfloat16 GEMMs are emulated and likely slower than float32; use "
+                    "weight_grad_dtype='float32' here.",
+                    stacklevel=2,
+                )
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Activate one adapter, or several whose deltas add up; the first one is trainable."""

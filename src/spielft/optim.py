@@ -190,8 +190,10 @@ class SM3(_KeepStateDtype, torch.optim.Optimizer):
                     rows, cols = idx // in_features, idx % in_features
                     row_acc, col_acc = state["row_acc"], state["col_acc"]
                     nu = torch.minimum(row_acc.index_select(0, rows), col_acc.index_select(0, cols)).addcmul_(grad, grad)
-                    row_acc.scatter_reduce_(0, rows, nu, "amax", include_self=False)
-                    col_acc.scatter_reduce_(0, cols, nu, "amax", include_self=False)
+                    # Covered rows/cols become the max of their nu, old values not included:
+                    # zeroed first (nu >= 0), cheaper than include_self=False's fill + scatter.
+                    row_acc.index_fill_(0, rows, 0.0).scatter_reduce_(0, rows, nu, "amax")
+                    col_acc.index_fill_(0, cols, 0.0).scatter_reduce_(0, cols, nu, "amax")
                 else:
                     nu = state["acc"].addcmul_(grad, grad)
                 update = grad / nu.sqrt().add_(eps)
