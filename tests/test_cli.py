@@ -241,7 +241,7 @@ def test_train_options_reach_the_spiel_config(tiny_tokenizer):
     seeded = parser.parse_args(["--method", "spiel-ag", "--ag-seed-optimizer-state"])
     assert recipe.wrap_for_method(seeded, make_tiny_llama(tiny_tokenizer)).peft_config[
         "default"].ag_seed_optimizer_state is True
-    assert ag.weight_grad_dtype == "float32"
+    assert ag.weight_grad_dtype == "auto"
     bf16 = parser.parse_args(["--method", "spiel-ma", "--weight-grad-dtype", "bfloat16"])
     assert recipe.wrap_for_method(bf16, make_tiny_llama(tiny_tokenizer)).peft_config[
         "default"].weight_grad_dtype == "bfloat16"

@@ -36,6 +36,7 @@ def tiny_llama(seed=0, vocab=64):
         ({"initial_reselection_rate": -0.1}, "initial_reselection_rate"),
         ({"delta_dtype": "int8"}, "delta_dtype must be one of"),
         ({"weight_grad_dtype": "float16"}, "weight_grad_dtype must be one of"),
+        ({"weight_grad_dtype": None}, "weight_grad_dtype must be one of"),
         ({"weight_grad_dtype": ["bfloat16"]}, "weight_grad_dtype must be one of"),
         ({"regrowth": "ma", "ag_seed_optimizer_state": True}, "ag_seed_optimizer_state .* regrowth='ag'"),
         ({"num_tunable_weights": 100.5}, "num_tunable_weights must be a positive integer"),
@@ -87,10 +88,10 @@ def test_bfloat16_weight_gradients_reach_every_linear_delta_and_round_trip(tmp_p
     assert all(d.grad_dtype == torch.bfloat16
                for layer in loaded.spiel_layers().values() for d in layer.spiel_deltas.values())
     # Two live adapters that disagree compute the exact (float32) gradient.
-    model.add_adapter("exact", SpielConfig(density=0.2, seed=1))
-    model.set_adapter(["default", "exact"])
+    model.add_adapter("auto", SpielConfig(density=0.2, seed=1))
+    model.set_adapter(["default", "auto"])
     layer = next(iter(model.spiel_layers().values()))
-    assert layer.combined_delta().grad_dtype is None
+    assert layer.combined_delta().grad_dtype == torch.float32
 
 
 def test_bfloat16_weight_gradients_warn_on_a_cpu_without_bf16_units(monkeypatch):

@@ -217,3 +217,24 @@ def test_bfloat16_gemm_leaves_float64_exact_when_not_asked():
     assert ops.weight_grad(g, x).dtype == torch.float64
     torch.testing.assert_close(ops.weight_grad(g, x), g.T @ x, rtol=0, atol=0)
     assert ops.weight_grad(g, x, torch.bfloat16).dtype == torch.float64
+
+
+def test_auto_grad_dtype_follows_a_bfloat16_layer_and_float32_forces_exact():
+    weight, b, indices, values, x = _case(24, 20, 0.5, (3, 10), True, dtype=torch.float32)
+    xb = x.detach().bfloat16().requires_grad_()
+    vals = values.detach().requires_grad_()
+    grad = torch.randn(3, 10, 24).bfloat16()
+
+    def grads(grad_dtype):
+        out = sparse_delta_linear(xb, weight.bfloat16(), b.bfloat16(), indices, vals,
+                                  grad_dtype=grad_dtype)
+        return torch.autograd.grad(out, vals, grad)[0]
+
+    g2, x2 = grad.reshape(-1, 24).double(), xb.detach().reshape(-1, 20).double()
+    exact = (g2.T @ x2).view(-1)[indices.long()]
+    forced = grads(torch.float32)  # the operands upcast: exact up to float32 rounding
+    torch.testing.assert_close(forced.double(), exact, rtol=1e-6, atol=1e-6)
+    auto = grads(None)
+    torch.testing.assert_close(auto, grads(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(auto.double(), exact, rtol=2**-8, atol=1e-6)
+    assert not torch.equal(auto, forced)

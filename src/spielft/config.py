@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_GRAD_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+_GRAD_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 ALL_LINEAR = "all-linear"  # peft's keyword: every supported linear layer but the output head
 
 
@@ -98,11 +98,13 @@ class SpielConfig:
             ``"float16"``). Optimizer state is always float32.
         weight_grad_dtype: dtype of the GEMM behind a linear layer's weight gradient, from
             which the deltas' gradient is gathered (from 5% density up) and AG's scores are
-            accumulated: ``"float32"`` (exact) or ``"bfloat16"``, which rounds the two
-            operands to bfloat16 as mixed-precision training does for every weight gradient.
-            The forward pass and the gradients flowing to the rest of the model are unchanged.
-            ``"bfloat16"`` halves that GEMM's time on CPUs with AVX512-BF16 or AMX and on GPUs
-            (``bench/speed.py``), but is slower on CPUs without bf16 units.
+            accumulated. ``"auto"`` (default): bfloat16 when the layer computes in bfloat16,
+            as autograd does for any bf16 layer, exact otherwise. ``"bfloat16"``: always
+            rounds the two operands to bfloat16, as mixed-precision training does; on a
+            float32 model it halves that GEMM's time on CPUs with AVX512-BF16 or AMX
+            (``bench/speed.py``) but is slow where bf16 is emulated. ``"float32"``: always
+            exact. The forward pass and the gradients flowing to the rest of the model do not
+            depend on it.
         seed: Seed of the random initial index sets (identical on every rank).
     """
 
@@ -120,7 +122,7 @@ class SpielConfig:
     normalize_regrowth_by_input: bool | None = None
     ag_seed_optimizer_state: bool = False
     delta_dtype: str = "float32"
-    weight_grad_dtype: str = "float32"
+    weight_grad_dtype: str = "auto"
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -217,7 +219,7 @@ class SpielConfig:
 
     @property
     def torch_weight_grad_dtype(self) -> torch.dtype | None:
-        """The GEMM dtype to pass to the ops; None for exact (float32, or float64 inputs)."""
+        """What the ops take as ``grad_dtype`` (None: auto, see `spielft.ops.gemm_dtype_for`)."""
         return _GRAD_DTYPES[self.weight_grad_dtype]
 
     def to_dict(self) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class CombinedDelta(NamedTuple):
     indices: Tensor
     values: Tensor
     captures: list[GradCapture]
-    grad_dtype: torch.dtype | None  # bfloat16 only if every live delta asks for it
+    grad_dtype: torch.dtype | None  # the ops' grad_dtype (None: auto)
 
 
 class SpielLayer(nn.Module):
@@ -187,8 +187,8 @@ class SpielLayer(nn.Module):
         if not deltas:
             return None
         captures = [d.grad_capture for d in deltas if d.grad_capture is not None]
-        grad_dtypes = {d.grad_dtype for d in deltas}
-        grad_dtype = grad_dtypes.pop() if len(grad_dtypes) == 1 else None
+        grad_dtypes = {d.grad_dtype for d in deltas}  # live adapters that disagree: exact
+        grad_dtype = grad_dtypes.pop() if len(grad_dtypes) == 1 else torch.float32
         if len(deltas) == 1:
             return CombinedDelta(deltas[0].indices, deltas[0].values, captures, grad_dtype)
         all_indices = torch.cat([d.indices.long() for d in deltas])

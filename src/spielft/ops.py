@@ -30,9 +30,9 @@ from torch import Tensor
 # below GATHER_SDDMM_DENSITY (at 0.1%: 1.0 ms against 2.4), the CSR sampled matmul in between.
 DENSE_SDDMM_DENSITY = 0.12
 GATHER_SDDMM_DENSITY = 0.002
-# With a bfloat16 GEMM (``grad_dtype=torch.bfloat16``) the dense path costs half as much on a
-# CPU with AVX512-BF16 (1536 x 576: 4.8 ms), so it beats the float32 CSR path from 5% up
-# (at 6%: 4.8 ms against 5.3; at 3%: 4.8 against 3.6).
+# With a bfloat16 GEMM (see `gemm_dtype_for`) the dense path costs half as much on a CPU with
+# AVX512-BF16 (1536 x 576: 4.8 ms), so it beats the float32 CSR path from 5% up (at 6%: 4.8 ms
+# against 5.3; at 3%: 4.8 against 3.6).
 BF16_DENSE_SDDMM_DENSITY = 0.05
 
 # The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
@@ -117,6 +117,18 @@ def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) ->
                 flat.scatter_(0, idx, saved)
 
 
+def gemm_dtype_for(operand_dtype: torch.dtype, grad_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the weight-gradient GEMM runs in: bfloat16, or None for exact (float32/64).
+
+    ``grad_dtype`` is `SpielConfig.weight_grad_dtype`'s: None ("auto") is bfloat16 when the layer
+    computes in bfloat16 (as autograd does for any bf16 ``nn.Linear``) and exact otherwise;
+    ``torch.bfloat16`` always rounds to bfloat16; ``torch.float32`` is always exact.
+    """
+    if grad_dtype is None:
+        return torch.bfloat16 if operand_dtype == torch.bfloat16 else None
+    return torch.bfloat16 if grad_dtype == torch.bfloat16 else None
+
+
 def weight_grad(left: Tensor, right: Tensor, gemm_dtype: torch.dtype | None = None) -> Tensor:
     """The full weight gradient ``left.T @ right``, as float32 (float64 stays float64).
 
@@ -125,7 +137,7 @@ def weight_grad(left: Tensor, right: Tensor, gemm_dtype: torch.dtype | None = No
     bf16 units, a relative error of about 2**-8 per entry.
     """
     dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
-    if gemm_dtype is not None and gemm_dtype.itemsize < dtype.itemsize:
+    if gemm_dtype == torch.bfloat16:
         return (left.to(gemm_dtype).T @ right.to(gemm_dtype)).to(dtype)
     return left.to(dtype).T @ right.to(dtype)
 
@@ -255,10 +267,11 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Rows/columns of the stored weight: (out, in), or (in, out) when transposed.
             left, right = (x2, g2) if ctx.transposed else (g2, x2)
+            gemm = gemm_dtype_for(g2.dtype, ctx.grad_dtype)
             dense = None
             if ctx.captures:
                 if any(c.wants_dense_grad for c in ctx.captures):
-                    dense = weight_grad(left, right, ctx.grad_dtype).float()
+                    dense = weight_grad(left, right, gemm).float()
                 input_ms = None
                 if any(c.wants_input_stats for c in ctx.captures):
                     ms = x2.float().square().mean(0)
@@ -269,7 +282,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
                 grad_values = dense.view(-1).index_select(0, indices)
             else:
                 stored = (in_features, out_features) if ctx.transposed else ctx.shape
-                grad_values = sddmm(left, right, indices, stored, ctx.grad_dtype)
+                grad_values = sddmm(left, right, indices, stored, gemm)
             grad_values = grad_values.to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = g2.sum(0)
@@ -297,9 +310,10 @@ def sparse_delta_linear(
     bias`` (transformers' ``Conv1D``); ``indices`` and the captured gradient then refer to
     the stored (in, out) layout.
 
-    ``grad_dtype=torch.bfloat16`` computes the weight gradient behind the deltas' gradient
-    and the captures' dense gradient with a bfloat16 GEMM (`weight_grad`); the forward and
-    the input gradient are unchanged.
+    ``grad_dtype`` chooses the GEMM behind the deltas' gradient and the captures' dense
+    gradient (`gemm_dtype_for`): None (auto) runs it in bfloat16 when ``x`` is bfloat16 and
+    exactly otherwise, ``torch.bfloat16`` always in bfloat16, ``torch.float32`` always
+    exactly. The forward and the input gradient do not depend on it.
     """
     return SparseDeltaLinearFn.apply(
         x, values, indices.long(), weight, bias, captures, bool(transposed), grad_dtype

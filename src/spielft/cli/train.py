@@ -97,9 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SpIEL: divide regrowth scores by the input feature's RMS (default: on for spiel-ma, off for spiel-ag)")
     method.add_argument("--ag-seed-optimizer-state", action=argparse.BooleanOptionalAction, default=False,
                         help="spiel-ag: start regrown deltas' Adam moments from their accumulated gradients, not zeros")
-    method.add_argument("--weight-grad-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="SpIEL: dtype of the GEMM behind the weight gradient (bfloat16: about 2x faster "
-                             "on CPUs with AVX512-BF16/AMX and on GPUs, as in mixed-precision training)")
+    method.add_argument("--weight-grad-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="SpIEL: dtype of the GEMM behind the weight gradient (auto: bfloat16 for a bf16 "
+                             "model, else float32; bfloat16 on a float32 model: that GEMM about 2x faster on "
+                             "CPUs with AVX512-BF16/AMX)")
     method.add_argument("--target-modules", nargs="*", default=None,
                         help="module-name suffixes, e.g. q_proj v_proj (default, or all-linear: every "
                              "linear layer but the output head)")
