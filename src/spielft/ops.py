@@ -5,6 +5,7 @@ weights at ``indices`` are patched in place, used, and restored bit for bit (O(k
 deltas' gradient is an SDDMM (for each active (i, j): sum over tokens of g[t, i] * x[t, j]):
 a sampled matmul for sparse index sets, a dense GEMM plus gather only when the index set is so
 dense that the GEMM is faster, or when the selector asks for the full weight gradient (AG).
+That GEMM runs in bfloat16 for a bf16 layer, or on request for any (`gemm_dtype_for`).
 
 The same op handles weights stored transposed (transformers' ``Conv1D``: ``y = x @ W + b``)
 and quantized bases (``weight`` is then a dequantizing callable). `sparse_delta_embedding` is
