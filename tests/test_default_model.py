@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -276,10 +278,35 @@ def test_default_model_path_uses_the_cache(cache, monkeypatch, tiny_gguf):
         return real_convert(src, out)
 
     monkeypatch.setattr(dm, "find_default_gguf", lambda: tiny_gguf)
+    monkeypatch.setattr(dm, "_installed_version", lambda: "0.1.2")
     monkeypatch.setattr(dm, "convert_gguf", convert)
     assert dm.default_model_path() == cache / DEFAULT_MODEL_NAME
     assert dm.default_model_path() == cache / DEFAULT_MODEL_NAME
-    assert calls == [{"require_chat_marker": "<|im_start|>"}]  # converted once, ChatML checked
+    # converted once, ChatML checked, the wheel's version recorded
+    assert calls == [{"require_chat_marker": "<|im_start|>", "provenance": {"source_version": "0.1.2"}}]
+
+
+def test_default_model_is_converted_again_for_another_wheel_version(cache, monkeypatch, tiny_gguf):
+    monkeypatch.setattr(dm, "find_default_gguf", lambda: tiny_gguf)
+    monkeypatch.setattr(dm, "_installed_version", lambda: "0.1.2")
+    target = dm.default_model_path()
+    marker = target / "spielft-conversion.json"
+    assert json.loads(marker.read_text())["source_version"] == "0.1.2"
+    (target / "stale-file").write_text("from the old conversion")
+    monkeypatch.setattr(dm, "_installed_version", lambda: "0.2.0")
+    assert dm.default_model_path() == target
+    assert json.loads(marker.read_text())["source_version"] == "0.2.0"
+    assert not (target / "stale-file").exists()
+    assert not list(cache.glob(".*tmp-*"))  # the stale copy is gone, not left aside
+
+    def uninstalled():
+        raise dm.ModelNotFoundError("not installed")
+
+    monkeypatch.setattr(dm, "find_default_gguf", uninstalled)
+    assert dm.default_model_path() == target  # the conversion still serves
+    shutil.rmtree(target)
+    with pytest.raises(dm.ModelNotFoundError, match="not installed"):
+        dm.default_model_path()
 
 
 # ------------------------------------------------------------------------- the real model

@@ -118,12 +118,54 @@ def find_default_gguf() -> Path:
 
 
 def default_model_path(*, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Folder of the converted default model, converting it on first use (~20 s, once)."""
+    """Folder of the converted default model, converting it on first use (~20 s, once).
+
+    The conversion records the wheel's version and the GGUF's size; when another version of
+    the wheel is installed, the stale conversion is replaced. With the wheel uninstalled, an
+    existing conversion is still used.
+    """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / DEFAULT_MODEL_NAME
+    try:
+        gguf = find_default_gguf()
+    except ModelNotFoundError:
+        if _is_complete(target):
+            return target
+        raise
+    source = {"source_version": _installed_version(), "source_size": gguf.stat().st_size}
+    if _is_complete(target) and not _converted_from(target, source):
+        logger.info("%s was converted from another %s; converting again", target, gguf.name)
+        _retire(target)
     if not _is_complete(target):
-        convert_gguf(find_default_gguf(), target, require_chat_marker=_DEFAULT_CHAT_MARKER)
+        convert_gguf(
+            gguf, target, require_chat_marker=_DEFAULT_CHAT_MARKER,
+            provenance={"source_version": source["source_version"]},
+        )
     return target
+
+
+def _installed_version() -> str:
+    return importlib.metadata.version(DEFAULT_GGUF_DISTRIBUTION)
+
+
+def _converted_from(folder: Path, source: dict[str, Any]) -> bool:
+    """Whether ``folder``'s marker names this source (a marker without a version: size only)."""
+    try:
+        marker = json.loads((folder / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(marker.get(key, value) == value for key, value in source.items())
+
+
+def _retire(folder: Path) -> None:
+    """Move a stale conversion out of the way atomically, then delete it.
+
+    Renamed to a temporary name first, so no process ever sees a half-deleted model under the
+    real name; `_remove_stale_tmp_dirs` collects it later if the deletion fails.
+    """
+    aside = folder.parent / f".{folder.name}.tmp-stale-{os.getpid()}-{time.time_ns()}"
+    os.rename(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def gguf_cache_path(
@@ -147,12 +189,14 @@ def convert_gguf(
     output_dir: str | os.PathLike[str],
     *,
     require_chat_marker: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Dequantise a GGUF into a float32 safetensors folder (model + tokenizer), atomically.
 
     Returns ``output_dir``. If it already holds a complete conversion, nothing is done. If another
     process finishes the same conversion first, its result is kept and ours is discarded.
     ``require_chat_marker``: a string the converted chat template must contain (a sanity check).
+    ``provenance``: extra facts about the source to record in the completion marker.
     """
     src = Path(gguf_file).expanduser().resolve()
     out = Path(output_dir).expanduser()
@@ -216,6 +260,7 @@ def convert_gguf(
             "source_mtime_ns": st.st_mtime_ns,
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - start, 1),
+            **(provenance or {}),
         }
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         try:
