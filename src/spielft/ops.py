@@ -31,9 +31,10 @@ from torch import Tensor
 # below GATHER_SDDMM_DENSITY (at 0.1%: 1.0 ms against 2.4), the CSR sampled matmul in between.
 DENSE_SDDMM_DENSITY = 0.12
 GATHER_SDDMM_DENSITY = 0.002
-# With a bfloat16 GEMM (see `gemm_dtype_for`) the dense path costs half as much on a CPU with
-# AVX512-BF16 (1536 x 576: 4.8 ms), so it beats the float32 CSR path from 5% up (at 6%: 4.8 ms
-# against 5.3; at 3%: 4.8 against 3.6).
+# With a bfloat16 GEMM (see `gemm_dtype_for`) the dense path costs 0.5-0.6 as much on a CPU with
+# AVX512-BF16, so it beats the float32 CSR path from 3-10% up on the large shapes (1536 x 576:
+# 5.4 ms against 5.6 at 3%, 5.6 against 9.1 at 10%) and 1-3% on the small ones
+# (bench/results/sddmm_bf16.json): 5% is taken for all.
 BF16_DENSE_SDDMM_DENSITY = 0.05
 
 # The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
