@@ -164,7 +164,10 @@ def _retire(folder: Path) -> None:
     real name; `_remove_stale_tmp_dirs` collects it later if the deletion fails.
     """
     aside = folder.parent / f".{folder.name}.tmp-stale-{os.getpid()}-{time.time_ns()}"
-    os.rename(folder, aside)
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:  # another process retired it first
+        return
     shutil.rmtree(aside, ignore_errors=True)
 
 
