@@ -11,6 +11,9 @@ accumulation windows (dense weight gradients) and updates are included in its av
 
 ``spiel-ag-bf16`` and ``spiel-ma-bf16`` are SpIEL with ``weight_grad_dtype="bfloat16"``: the
 GEMM behind the weight gradient in bfloat16, everything else as in ``spiel-ag``/``spiel-ma``.
+SpIEL trains inside ``SpielModel.applied_deltas()``, as ``SpielTrainer`` does; a
+``-per-use`` suffix (e.g. ``spiel-ma-bf16-per-use``, not in the default set) trains outside it,
+writing and restoring the deltas in every forward and backward, for comparison.
 
 Results go to bench/results/*.json.
 """
@@ -18,6 +21,7 @@ Results go to bench/results/*.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -36,6 +40,7 @@ from spielft import SpielConfig, get_spiel_model
 RESULTS = Path(__file__).parent / "results"
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["floor", "lora", "shira", "full", "spiel-ag", "spiel-ma", "spiel-ag-bf16", "spiel-ma-bf16"]
+CHOICES = METHODS + [f"{m}-per-use" for m in METHODS if m.startswith("spiel")]
 
 
 # -- models and methods ----------------------------------------------------------------------------
@@ -79,6 +84,7 @@ class Method:
     def __init__(self, name: str, args: argparse.Namespace, budget: int | None, total_steps: int):
         self.name = name
         self.selector = None
+        self.context = contextlib.ExitStack()  # what the method trains inside
         model = load_base(args)
         budget = budget or lora_param_count(model, args.rank)
         if name == "floor":
@@ -100,12 +106,14 @@ class Method:
         else:
             regrowth = name.split("-")[1]
             # "-bf16": the weight-gradient GEMM in bfloat16 (SpielConfig.weight_grad_dtype).
-            grad_dtype = "bfloat16" if name.endswith("-bf16") else "float32"
+            grad_dtype = "bfloat16" if "-bf16" in name else "float32"
             model = get_spiel_model(model, SpielConfig(
                 num_tunable_weights=budget, regrowth=regrowth, target_modules=LINEAR_NAMES,
                 weight_grad_dtype=grad_dtype))
             self.optimizer = model.create_optimizer(lr=1e-4 if regrowth == "ag" else 1e-3)
             self.selector = model.create_selector(self.optimizer, total_steps=total_steps)
+            if not name.endswith("-per-use"):
+                self.context.enter_context(model.applied_deltas())
         self.model = model
         self.times: list[float] = []
 
@@ -236,13 +244,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64, help="LoRA/SHiRA rank; SpIEL matches its count")
     parser.add_argument("--densities", type=float, nargs="*", default=[],
                         help="also time SpIEL at these densities of the targeted weights")
-    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=CHOICES)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
     parser.add_argument("--memory-only", metavar="RESULT_JSON", default=None,
                         help="only (re)measure peak RSS per method and update that result file")
-    parser.add_argument("--memory", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", choices=CHOICES, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
                         help="load the base in 4 bits (bitsandbytes) for the --memory runs")
@@ -278,7 +286,7 @@ def main() -> None:
         result["by_density"] = {}
         for density in args.densities:
             timed = ["floor", "lora", "spiel-ag", "spiel-ma"]
-            timed += [m for m in args.methods if m.endswith("-bf16")]
+            timed += [m for m in args.methods if m.startswith("spiel") and m not in timed]
             sub = argparse.Namespace(**{**vars(args), "methods": timed})
             result["by_density"][str(density)] = time_methods(sub, max(1, round(density * targeted)))
     RESULTS.mkdir(exist_ok=True)

@@ -1,5 +1,7 @@
 """SpielModel: configuration errors, targeting, budget, freezing, and training end to end."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -195,7 +197,7 @@ def _corpus():
     return (starts * 7 + strides * torch.arange(12)[None]) % 64
 
 
-def _train(regrowth, steps=100, seed=0):
+def _train(regrowth, steps=100, seed=0, applied=False):
     model = get_spiel_model(tiny_llama(seed), SpielConfig(density=0.05, regrowth=regrowth, seed=seed,
                                                           reselection_steps=10, accumulation_steps=3))
     opt = model.create_optimizer(lr=1e-2 if regrowth == "ag" else 0.1)
@@ -203,14 +205,15 @@ def _train(regrowth, steps=100, seed=0):
     corpus = _corpus()
     start_indices = {n: d.indices.clone() for n, d in model.sparse_deltas().items()}
     losses = []
-    for _ in range(steps):
-        total = 0.0
-        for micro in corpus.split(4):  # two micro-batches per optimizer step
-            loss = model(input_ids=micro, labels=micro).loss / 2
-            loss.backward()
-            total += loss.item()
-        losses.append(total)
-        _step(opt, selector)
+    with model.applied_deltas() if applied else contextlib.nullcontext():
+        for _ in range(steps):
+            total = 0.0
+            for micro in corpus.split(4):  # two micro-batches per optimizer step
+                loss = model(input_ids=micro, labels=micro).loss / 2
+                loss.backward()
+                total += loss.item()
+            losses.append(total)
+            _step(opt, selector)
     changed = sum(not torch.equal(start_indices[n], d.indices) for n, d in model.sparse_deltas().items())
     return model, losses, changed
 
@@ -232,6 +235,22 @@ def test_same_seed_same_result():
     for (n, a), b in zip(m1.sparse_deltas().items(), m2.sparse_deltas().values(), strict=True):
         assert torch.equal(a.indices, b.indices), n
         assert torch.equal(a.values, b.values), n
+
+
+@pytest.mark.parametrize("regrowth", ["ag", "ma"])
+def test_training_inside_applied_deltas_is_bit_identical_and_restores_the_base(regrowth):
+    # 30 steps: AG's and MA's reselections (every 10 steps) move indices inside the block.
+    outside, losses, _ = _train(regrowth, steps=30)
+    inside, applied_losses, changed = _train(regrowth, steps=30, applied=True)
+    assert changed == len(inside.sparse_deltas())
+    assert applied_losses == losses
+    for (n, a), b in zip(outside.sparse_deltas().items(), inside.sparse_deltas().values(), strict=True):
+        assert torch.equal(a.indices, b.indices), n
+        assert torch.equal(a.values, b.values), n
+    pretrained = dict(tiny_llama().named_parameters())
+    for n, p in inside.base_model.named_parameters():
+        if "spiel_deltas" not in n:
+            assert torch.equal(p, pretrained[n.replace(".base_layer", "")]), n
 
 
 def test_works_on_a_plain_module():

@@ -157,6 +157,51 @@ def test_disable_adapter_runs_the_base_model():
     assert not torch.equal(logits(model), base_logits)
 
 
+def test_the_lifecycle_inside_applied_deltas_sees_the_pretrained_weights():
+    # Inside the block a forward leaves W + delta in the base weights; every lifecycle call
+    # must still act on the pretrained W.
+    base_logits = logits(tiny_llama())
+    pretrained = dict(tiny_llama().named_parameters())
+    model = trained()
+    adapted = logits(model)
+    model.add_adapter("other", SpielConfig(density=0.05, seed=7))
+    randomize(model, "other", seed=2)
+    model.set_adapter("other")
+    other = logits(model)
+    model.set_adapter("default")
+
+    def base_weights_are_pretrained():
+        return all(torch.equal(p, pretrained[n.replace(".base_layer", "")])
+                   for n, p in model.base_model.named_parameters() if "spiel_deltas" not in n)
+
+    with model.applied_deltas():
+        assert torch.equal(logits(model), adapted)
+        assert not base_weights_are_pretrained()  # the deltas stay written in
+        with model.disable_adapter():
+            assert torch.equal(logits(model), base_logits)
+        model.set_adapter("other")
+        assert torch.equal(logits(model), other)
+        model.set_adapter(["default", "other"])
+        both = logits(model)
+        model.set_adapter("default")
+        assert torch.equal(logits(model), adapted)
+        model.merge()
+        assert torch.equal(logits(model), adapted)
+        model.unmerge()
+        assert base_weights_are_pretrained()
+        assert torch.equal(logits(model), adapted)
+        model.restore_base_weights()
+        assert base_weights_are_pretrained()
+    assert base_weights_are_pretrained()
+    model.set_adapter(["default", "other"])
+    assert torch.equal(logits(model), both)
+    model.set_adapter("default")
+    with model.applied_deltas():
+        logits(model)
+        plain = model.unload()
+    assert torch.equal(logits(plain), base_logits)
+
+
 def test_disable_adapter_and_set_adapter_unmerge_a_merged_model_first():
     base_logits = logits(tiny_llama())
     model = trained()

@@ -238,3 +238,91 @@ def test_auto_grad_dtype_follows_a_bfloat16_layer_and_float32_forces_exact():
     torch.testing.assert_close(auto, grads(torch.bfloat16), rtol=0, atol=0)
     torch.testing.assert_close(auto.double(), exact, rtol=2**-8, atol=1e-6)
     assert not torch.equal(auto, forced)
+
+
+def _reference_grads(x, weight, b, indices, values, grad):
+    ref = _dense_reference(x, weight, b, indices, values)
+    return ref, torch.autograd.grad(ref, (x, values), grad)
+
+
+def test_applied_deltas_give_the_same_outputs_and_gradients_and_restore_w():
+    weight, b, indices, values, x = _case(13, 11, 0.3, (2, 5), True)
+    pretrained = weight.clone()
+    _, _, other_indices, other_values, _ = _case(13, 11, 0.3, (2, 5), True, seed=1)
+    grad = torch.randn(2, 5, 13, dtype=torch.float64)
+    with ops.applied_deltas([weight]):
+        for step in range(3):
+            out = sparse_delta_linear(x, weight, b, indices, values)
+            # W now holds the deltas: W0 + delta, written once by the forward.
+            delta = torch.zeros(weight.numel(), dtype=weight.dtype)
+            delta[indices.long()] = values.detach()
+            assert torch.equal(weight, (pretrained.view(-1) + delta).view_as(weight))
+            ref, (rx, rv) = _reference_grads(x, pretrained, b, indices, values, grad)
+            gx, gv = torch.autograd.grad(out, (x, values), grad)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+            torch.testing.assert_close((gx, gv), (rx, rv), rtol=0, atol=1e-12)
+            with torch.no_grad():
+                values.add_(0.1 * step)  # an optimizer step
+            indices, other_indices = other_indices, indices  # and a reselection
+            values, other_values = other_values, values
+    assert torch.equal(weight, pretrained), "restored bit for bit on exit"
+
+
+def test_a_backward_after_another_forward_writes_its_own_values_back():
+    # Two graphs on one weight with different deltas (e.g. two adapters' forwards before one
+    # backward): the first graph's backward must not compute with the second one's W.
+    weight, b, indices, values, x = _case(9, 8, 0.3, (4,), False)
+    _, _, indices2, values2, _ = _case(9, 8, 0.3, (4,), False, seed=1)
+    pretrained = weight.clone()
+    grad = torch.randn(4, 9, dtype=torch.float64)
+    with ops.applied_deltas([weight]):
+        first = sparse_delta_linear(x, weight, b, indices, values)
+        second = sparse_delta_linear(x, weight, b, indices2, values2)
+        gx1 = torch.autograd.grad(first, x, grad)[0]
+        gx2 = torch.autograd.grad(second, x, grad)[0]
+    for gx, idx, vals in ((gx1, indices, values), (gx2, indices2, values2)):
+        _, (rx, _) = _reference_grads(x, pretrained, b, idx, vals, grad)
+        torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
+    assert torch.equal(weight, pretrained)
+
+
+def test_applied_deltas_restore_on_error_nest_and_restore_weight_on_demand():
+    weight, b, indices, values, x = _case(9, 8, 0.3, (4,), False)
+    pretrained = weight.clone()
+    with pytest.raises(KeyError), ops.applied_deltas([weight]):
+        sparse_delta_linear(x, weight, b, indices, values)
+        raise KeyError("stop")
+    assert torch.equal(weight, pretrained)
+    with ops.applied_deltas([weight]):
+        with ops.applied_deltas([weight]):
+            sparse_delta_linear(x, weight, b, indices, values)
+        assert not torch.equal(weight, pretrained), "only the outermost block restores"
+        ops.restore_weight(weight)
+        assert torch.equal(weight, pretrained)
+        out = sparse_delta_linear(x, weight, b, indices, values)  # written again as needed
+        torch.testing.assert_close(out, _dense_reference(x, pretrained, b, indices, values))
+    assert torch.equal(weight, pretrained)
+
+
+def test_a_base_weight_modified_inside_applied_deltas_fails_clearly():
+    weight, b, indices, values, x = _case(9, 8, 0.3, (4,), False)
+    with ops.applied_deltas([weight]):
+        sparse_delta_linear(x, weight, b, indices, values)
+        weight.mul_(2)  # e.g. load_state_dict into the base model
+        with pytest.raises(RuntimeError, match="modified in place while spielft kept"):
+            sparse_delta_linear(x, weight, b, indices, values)
+
+
+def test_applied_deltas_keep_low_precision_rounding_and_embeddings():
+    weight, b, indices, values, x = _case(16, 12, 0.2, (3,), True, dtype=torch.float32)
+    w, xx = weight.bfloat16(), x.detach().bfloat16()
+    vals = values.detach().float()
+    expected = sparse_delta_linear(xx, w, b.bfloat16(), indices, vals)
+    ids = torch.tensor([[0, 3, 15, 3]])
+    expected_rows = ops.sparse_delta_embedding(ids, w, indices, vals)
+    pretrained = w.clone()
+    with ops.applied_deltas([w]):
+        for _ in range(2):
+            assert torch.equal(sparse_delta_linear(xx, w, b.bfloat16(), indices, vals), expected)
+            assert torch.equal(ops.sparse_delta_embedding(ids, w, indices, vals), expected_rows)
+    assert torch.equal(w, pretrained)

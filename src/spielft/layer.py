@@ -14,6 +14,7 @@ from .ops import (
     GradCapture,
     WeightSource,
     merged_values,
+    restore_weight,
     sparse_delta_embedding,
     sparse_delta_linear,
     weight_lock,
@@ -220,6 +221,7 @@ class SpielLayer(nn.Module):
         weight = self._merge_target()
         flat = weight.view(-1)
         with weight_lock(weight):
+            restore_weight(weight)  # W's own values, not deltas an applied_deltas block left
             for name in adapter_names or self.active_adapters:
                 if name in self.merged_adapters or name not in self.spiel_deltas:
                     continue
@@ -237,6 +239,7 @@ class SpielLayer(nn.Module):
         weight = self._merge_target()
         flat = weight.view(-1)
         with weight_lock(weight):
+            restore_weight(weight)
             while self.merged_adapters:
                 name = self.merged_adapters[-1]
                 idx, before = self._merge_backup[name]
@@ -262,6 +265,7 @@ class SpielLinear(SpielLayer):
     def forward(self, x: Tensor) -> Tensor:
         combined = self.combined_delta()
         if combined is None:
+            restore_weight(self.weight_source())
             return self.base_layer(x)
         return sparse_delta_linear(
             x,
@@ -308,6 +312,7 @@ class SpielEmbedding(SpielLayer):
     def forward(self, ids: Tensor) -> Tensor:
         combined = self.combined_delta()
         if combined is None:
+            restore_weight(self.weight_source())
             return self.base_layer(ids)
         base = self.base_layer
         return sparse_delta_embedding(  # a lookup, no GEMM: grad_dtype does not apply

@@ -89,19 +89,127 @@ def weight_lock(weight: Tensor) -> threading.RLock:
     return lock
 
 
+class _AppliedDelta:
+    """What `applied_deltas` keeps written into one base weight between uses.
+
+    ``saved`` holds W's own values at ``positions`` (None while nothing is written), so the
+    weight is restored bit for bit; ``token`` names the op call whose values W holds, so that
+    call's backward can use W as it is.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weakref.ref(weight)
+        self.indices: Tensor | None = None  # the caller's index tensor, as last seen
+        self.indices_version = -1
+        self.positions: Tensor | None = None  # the same, as int64
+        self.saved: Tensor | None = None
+        self.token: object | None = None
+        self.weight_version = -1
+
+    def restore(self, weight: Tensor) -> None:
+        if self.saved is not None:
+            saved = self.saved.to(device=weight.device, dtype=weight.dtype)  # after a .to()
+            weight.view(-1).scatter_(0, self.positions.to(weight.device), saved)
+        self.indices = self.positions = self.saved = self.token = None
+
+    def write(self, weight: Tensor, indices: Tensor, values: Tensor, token: object | None) -> None:
+        """Make W hold W0 + scatter(indices, values), writing only what is not already there."""
+        flat = weight.view(-1)
+        if self.saved is not None:
+            if weight._version != self.weight_version:
+                raise RuntimeError(
+                    f"a base weight of shape {tuple(weight.shape)} was modified in place while "
+                    "spielft kept sparse deltas applied to it (inside "
+                    "SpielModel.applied_deltas(), which SpielTrainer.train() enters), so its "
+                    "pretrained values can no longer be restored exactly. Modify base weights "
+                    "outside that block."
+                )
+            same = indices is self.indices and indices._version == self.indices_version
+            if not same:
+                same = indices.numel() == self.positions.numel() and torch.equal(
+                    indices.long(), self.positions
+                )
+            if not same:
+                self.restore(weight)
+            elif token is not None and token is self.token:
+                return  # this op's forward wrote exactly these values
+        if self.saved is None:
+            self.positions = indices.long()
+            self.saved = flat.index_select(0, self.positions)
+        elif self.saved.dtype != flat.dtype or self.saved.device != flat.device:
+            self.saved = self.saved.to(device=flat.device, dtype=flat.dtype)
+        self.indices, self.indices_version = indices, indices._version
+        flat.scatter_(0, self.positions, merged_values(self.saved, values))
+        self.token, self.weight_version = token, weight._version
+
+
+# id(weight) -> its _AppliedDelta, for the weights inside an `applied_deltas` block.
+_APPLIED: dict[int, _AppliedDelta] = {}
+
+
+def _applied_for(weight: Tensor) -> _AppliedDelta | None:
+    applied = _APPLIED.get(id(weight))
+    return applied if applied is not None and applied.weight() is weight else None
+
+
 @contextmanager
-def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) -> Iterator[Tensor]:
+def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
+    """Inside, `weight_with_deltas` leaves the deltas written into ``weights`` between uses.
+
+    Outside, every forward and every backward patches W at the deltas' positions and restores
+    it: three passes over those positions each, and at LoRA-like densities every cache line of
+    W. Inside, a forward writes only the new values (one pass), its backward writes nothing,
+    and each weight is restored exactly on exit. W then reads as ``W + delta`` inside the
+    block; `restore_weight` (what merging and a base-only forward call) puts W back first.
+    Blocks nest; only the outermost one restores.
+    """
+    entered = []
+    with _WEIGHT_LOCKS_GUARD:
+        for weight in weights:
+            if _applied_for(weight) is None:
+                _APPLIED[id(weight)] = _AppliedDelta(weight)
+                entered.append(weight)
+    try:
+        yield
+    finally:
+        for weight in entered:
+            with weight_lock(weight):
+                applied = _APPLIED.pop(id(weight), None)
+                if applied is not None:
+                    with torch.no_grad():
+                        applied.restore(weight)
+
+
+def restore_weight(weight: WeightSource) -> None:
+    """Put W's own values back where an `applied_deltas` block wrote deltas into it.
+
+    The block stays open: the next use writes them again.
+    """
+    if callable(weight):
+        return
+    with weight_lock(weight):
+        applied = _applied_for(weight)
+        if applied is not None:
+            with torch.no_grad():
+                applied.restore(weight)
+
+
+@contextmanager
+def weight_with_deltas(
+    weight: WeightSource, indices: Tensor, values: Tensor, token: object | None = None
+) -> Iterator[Tensor]:
     """Yield the dense weight W + scatter(indices, values).
 
     A tensor ``weight`` (a frozen parameter) is patched in place at ``indices`` and restored
     exactly on exit, under `weight_lock` (concurrent forwards from several threads would
-    otherwise corrupt W). A callable ``weight`` (e.g. a dequantizer) returns a fresh dense tensor,
-    which is patched and simply dropped afterwards; the quantized storage is never touched.
+    otherwise corrupt W); inside an `applied_deltas` block it is left patched instead, and a
+    backward passing its forward's ``token`` finds it ready. A callable ``weight`` (e.g. a
+    dequantizer) returns a fresh dense tensor, which is patched and simply dropped afterwards;
+    the quantized storage is never touched.
     """
-    # index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU for large k.
-    idx = indices.long()
     with torch.no_grad():
         if callable(weight):
+            idx = indices.long()
             dense = weight()
             flat = dense.view(-1)
             flat.scatter_(0, idx, merged_values(flat.index_select(0, idx), values))
@@ -110,6 +218,13 @@ def weight_with_deltas(weight: WeightSource, indices: Tensor, values: Tensor) ->
         # Held from patch to restore: another thread must neither compute with our patched W
         # nor save our patched values as the "original" that it then writes back.
         with weight_lock(weight):
+            applied = _applied_for(weight)
+            if applied is not None:
+                applied.write(weight, indices, values, token)
+                yield weight
+                return
+            # index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU.
+            idx = indices.long()
             flat = weight.view(-1)
             saved = flat.index_select(0, idx)
             flat.scatter_(0, idx, merged_values(saved, values))
@@ -239,7 +354,8 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         transposed: bool = False,
         grad_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        with weight_with_deltas(weight, indices, values) as w:
+        ctx.token = object()  # lets backward find W as this forward left it (applied_deltas)
+        with weight_with_deltas(weight, indices, values, ctx.token) as w:
             b = None if bias is None else bias.to(x.dtype)
             if transposed:  # exactly Conv1D's own computation
                 x2 = x.reshape(-1, x.shape[-1])
@@ -263,7 +379,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            with weight_with_deltas(ctx.weight, indices, values) as w:
+            with weight_with_deltas(ctx.weight, indices, values, ctx.token) as w:
                 wt = w.to(g2.dtype)
                 grad_x = (g2 @ (wt.T if ctx.transposed else wt)).view(x.shape)
         if ctx.needs_input_grad[1]:
@@ -281,7 +397,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
                 for capture in ctx.captures:
                     capture(dense, input_ms)
             if dense is not None:
-                grad_values = dense.view(-1).index_select(0, indices)
+                grad_values = dense.view(-1).index_select(0, indices.long())
             else:
                 stored = (in_features, out_features) if ctx.transposed else ctx.shape
                 grad_values = sddmm(left, right, indices, stored, gemm)
@@ -318,7 +434,7 @@ def sparse_delta_linear(
     exactly. The forward and the input gradient do not depend on it.
     """
     return SparseDeltaLinearFn.apply(
-        x, values, indices.long(), weight, bias, captures, bool(transposed), grad_dtype
+        x, values, indices, weight, bias, captures, bool(transposed), grad_dtype
     )
 
 
@@ -430,7 +546,7 @@ def sparse_delta_embedding(
     return SparseDeltaEmbeddingFn.apply(
         ids,
         values,
-        indices.long(),
+        indices,
         weight,
         captures,
         padding_idx,

@@ -124,6 +124,18 @@ class SparseAdamW(_KeepStateDtype, torch.optim.Optimizer):
         )
 
 
+def _covered_max_(acc: Tensor, positions: Tensor, nu: Tensor) -> None:
+    """``acc[i] = max(nu[positions == i])`` where ``i`` occurs in ``positions``; others keep theirs.
+
+    As ``scatter_reduce_(..., include_self=False)``, but that (like zeroing the covered entries
+    with ``index_fill_``) costs a second pass over all of ``positions``; here the scatter goes
+    into a -1 sentinel (nu >= 0) and the keep-or-take is over ``acc``'s few entries.
+    """
+    # int64 for the scatter: torch < 2.8 takes no int32 index there (index_select does).
+    new = torch.full_like(acc, -1.0).scatter_reduce_(0, positions.long(), nu, "amax")
+    acc.copy_(torch.where(new < 0, acc, new))  # NaN (a NaN gradient) is taken, as before
+
+
 class SM3(_KeepStateDtype, torch.optim.Optimizer):
     """SM3 (Anil et al., 2019) with O(rows + cols) second-moment memory for sparse deltas.
 
@@ -185,15 +197,13 @@ class SM3(_KeepStateDtype, torch.optim.Optimizer):
                 delta = self.sparse_deltas.get(p)
                 state = self.state[p] or self._init_state(p, delta, momentum)
                 if delta is not None:
-                    idx = delta.indices.long()
                     in_features = delta.shape[1]
-                    rows, cols = idx // in_features, idx % in_features
+                    # In the indices' own (int32) dtype: half the memory traffic of int64.
+                    rows, cols = delta.indices // in_features, delta.indices % in_features
                     row_acc, col_acc = state["row_acc"], state["col_acc"]
                     nu = torch.minimum(row_acc.index_select(0, rows), col_acc.index_select(0, cols)).addcmul_(grad, grad)
-                    # Covered rows/cols become the max of their nu, old values not included:
-                    # zeroed first (nu >= 0), cheaper than include_self=False's fill + scatter.
-                    row_acc.index_fill_(0, rows, 0.0).scatter_reduce_(0, rows, nu, "amax")
-                    col_acc.index_fill_(0, cols, 0.0).scatter_reduce_(0, cols, nu, "amax")
+                    _covered_max_(row_acc, rows, nu)
+                    _covered_max_(col_acc, cols, nu)
                 else:
                     nu = state["acc"].addcmul_(grad, grad)
                 update = grad / nu.sqrt().add_(eps)

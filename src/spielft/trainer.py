@@ -625,6 +625,16 @@ class SpielTrainerMixin:
             if can_return_loss is not None:
                 self.can_return_loss = can_return_loss(inner)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train`` with the deltas kept in the base weights throughout.
+
+        See `SpielModel.applied_deltas`: the same results, without patching and restoring
+        every targeted weight in every forward and backward. The base weights are restored
+        when training ends, also on an error.
+        """
+        with self.spiel_model.applied_deltas():
+            return super().train(*args, **kwargs)
+
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and _find_spiel_model(self.model) is not None:
             columns = list(inspect.signature(self.spiel_model.base_model.forward).parameters)
@@ -668,6 +678,7 @@ class SpielTrainerMixin:
             load_adapter_in_place(self.spiel_model, resume_from_checkpoint)
             self.spiel_callback.adapter_loaded = True
         else:  # e.g. a checkpoint written by a plain Trainer: full state dict
+            self.spiel_model.restore_base_weights()  # it loads into W itself
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
@@ -676,6 +687,7 @@ class SpielTrainerMixin:
             logger.info("Loading best adapter from %s (score: %s).", best, self.state.best_metric)
             load_adapter_in_place(self.spiel_model, best)
         else:
+            self.spiel_model.restore_base_weights()
             super()._load_best_model()
 
 
