@@ -258,3 +258,22 @@ def test_works_on_a_plain_module():
     model = get_spiel_model(base, SpielConfig(num_tunable_weights=10))
     assert set(model.spiel_layers()) == {"0", "2"}
     assert model(torch.randn(3, 6)).shape == (3, 2)
+
+
+def test_gradient_checkpointing_inside_applied_deltas_gives_the_same_gradients():
+    # The recomputed forward writes the deltas again; its backward must find them in W.
+    def grads(applied):
+        model = get_spiel_model(tiny_llama(), SpielConfig(density=0.05, seed=0))
+        with torch.no_grad():
+            for delta in model.sparse_deltas().values():
+                delta.values.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        model.base_model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        with model.applied_deltas() if applied else contextlib.nullcontext():
+            ids = _corpus()
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {n: d.values.grad.clone() for n, d in model.sparse_deltas().items()}
+
+    outside, inside = grads(False), grads(True)
+    for name, grad in outside.items():
+        assert torch.equal(inside[name], grad), name

@@ -202,6 +202,19 @@ def test_the_lifecycle_inside_applied_deltas_sees_the_pretrained_weights():
     assert torch.equal(logits(plain), base_logits)
 
 
+def test_generate_applies_the_deltas_once_and_leaves_the_base_as_it_was():
+    model = trained()
+    pretrained = {n: layer.weight.clone() for n, layer in model.spiel_layers().items()}
+    out = model.generate(input_ids=IDS[:, :4], max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        step = IDS[:, :4]
+        for _ in range(5):  # greedy decoding by hand, each forward patching W per use
+            step = torch.cat([step, model(input_ids=step).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, step)
+    for name, layer in model.spiel_layers().items():
+        assert torch.equal(layer.weight, pretrained[name]), name
+
+
 def test_disable_adapter_and_set_adapter_unmerge_a_merged_model_first():
     base_logits = logits(tiny_llama())
     model = trained()

@@ -163,6 +163,40 @@ def test_spiel_trainer_trains_and_steps_selector_once_per_optimizer_step(tmp_pat
     assert all(d.grad_capture is None for d in model.sparse_deltas().values())
 
 
+class _BaseWeightProbe(SpielCallback):
+    """Records, at each step end, whether the targeted base weights hold the deltas; can fail."""
+
+    def __init__(self, pretrained, fail_at=None):
+        super().__init__()
+        self.pretrained, self.fail_at, self.applied = pretrained, fail_at, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        layers = self.model.spiel_layers()
+        self.applied.append(any(not torch.equal(layers[n].weight, w)
+                                for n, w in self.pretrained.items()))
+        if state.global_step == self.fail_at:
+            raise KeyError("stop")
+        return super().on_step_end(args, state, control, **kwargs)
+
+
+@pytest.mark.parametrize("fail_at", [None, 3])
+def test_spiel_trainer_trains_with_deltas_applied_and_restores_the_base(tmp_path, fail_at):
+    model = _tiny_spiel("ma")
+    pretrained = {n: layer.weight.clone() for n, layer in model.spiel_layers().items()}
+    probe = _BaseWeightProbe(pretrained, fail_at)
+    trainer = SpielTrainer(model=model, args=_args(tmp_path), train_dataset=_token_dataset(),
+                           callbacks=[probe])
+    if fail_at is None:
+        trainer.train()
+    else:
+        with pytest.raises(KeyError):
+            trainer.train()
+    # Inside train(), W holds W + delta between steps (from step 2: the deltas start at 0).
+    assert len(probe.applied) == (fail_at or MAX_STEPS) and all(probe.applied[1:])
+    for name, layer in model.spiel_layers().items():
+        assert torch.equal(layer.weight, pretrained[name]), name
+
+
 def test_spiel_trainer_evaluates_with_loss(tmp_path):
     model = _tiny_spiel("ag")
     data = _token_dataset(n=8)

@@ -224,6 +224,12 @@ class SpielModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``base_model.generate``, inside `applied_deltas`: one forward per new token, each of
+        which would otherwise patch and restore every targeted weight."""
+        with self.applied_deltas():
+            return self.base_model.generate(*args, **kwargs)
+
     # -- layers and adapters -------------------------------------------------------------------
     def spiel_layers(self) -> dict[str, SpielLayer]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpielLayer)}

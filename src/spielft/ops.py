@@ -261,7 +261,7 @@ def weight_grad(left: Tensor, right: Tensor, gemm_dtype: torch.dtype | None = No
 
 def dense_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
     """The SDDMM as the full ``grad_out.T @ x`` GEMM and a gather: best for dense index sets."""
-    return (grad_out.T @ x).view(-1).index_select(0, indices.long())
+    return (grad_out.T @ x).view(-1).index_select(0, indices)  # int32 or int64
 
 
 def csr_sddmm(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -397,7 +397,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
                 for capture in ctx.captures:
                     capture(dense, input_ms)
             if dense is not None:
-                grad_values = dense.view(-1).index_select(0, indices.long())
+                grad_values = dense.view(-1).index_select(0, indices)
             else:
                 stored = (in_features, out_features) if ctx.transposed else ctx.shape
                 grad_values = sddmm(left, right, indices, stored, gemm)
@@ -511,7 +511,7 @@ class SparseDeltaEmbeddingFn(torch.autograd.Function):
             for capture in ctx.captures:
                 capture(dense, None)
             if dense is not None:
-                grad_values = dense.view(-1).index_select(0, indices.long())
+                grad_values = dense.view(-1).index_select(0, indices)
             else:
                 idx = indices.long()
                 row_of, col_of = idx // dim, idx % dim
