@@ -36,16 +36,17 @@ def main() -> None:
     corpus = (starts * 7 + strides * torch.arange(16)[None]) % 64
     first_indices = {name: d.indices.clone() for name, d in model.sparse_deltas().items()}
 
-    for step in range(1, args.steps + 1):
-        for batch in corpus.chunk(args.grad_accum):  # gradient accumulation
-            loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
-            loss.backward()
-        optimizer.step()
-        stats = selector.step()  # drop and regrow every reselection_steps optimizer steps
-        optimizer.zero_grad()
-        if stats or step == 1 or step % 50 == 0:
-            extra = f"  reselected {int(stats['spiel/indices_changed'])} indices" if stats else ""
-            print(f"step {step:4d}  loss {loss.item() * args.grad_accum:.3f}{extra}")
+    with model.applied_deltas():  # deltas stay written into W between steps; restored on exit
+        for step in range(1, args.steps + 1):
+            for batch in corpus.chunk(args.grad_accum):  # gradient accumulation
+                loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                loss.backward()
+            optimizer.step()
+            stats = selector.step()  # drop and regrow every reselection_steps optimizer steps
+            optimizer.zero_grad()
+            if stats or step == 1 or step % 50 == 0:
+                extra = f"  reselected {int(stats['spiel/indices_changed'])} indices" if stats else ""
+                print(f"step {step:4d}  loss {loss.item() * args.grad_accum:.3f}{extra}")
 
     moved = sum(int((first_indices[n] != d.indices).sum()) for n, d in model.sparse_deltas().items())
     print(f"{moved} of {model.get_nb_trainable_parameters()[0]} index slots differ from the start")
