@@ -4,9 +4,9 @@
     python bench/profile_step.py --method spiel-ma --density 0.01
     python bench/profile_step.py --method spiel-ma --density 0.184 --weight-grad-dtype bfloat16
 
-Prints the top operators by self CPU time (SmolLM2-135M-Instruct, batch 4 x 256). The steps
-run inside ``SpielModel.applied_deltas()``, as ``SpielTrainer`` runs them; ``--per-use`` runs
-them outside it (the deltas written into W and restored in every forward and backward).
+Prints the top operators by self CPU time (SmolLM2-135M-Instruct, batch 4 x 256).
+``--applied`` runs the steps inside ``SpielModel.applied_deltas()`` (the deltas stay written
+into W between steps instead of being written and restored in every forward and backward).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--weight-grad-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    parser.add_argument("--per-use", action="store_true", help="train outside applied_deltas()")
+    parser.add_argument("--applied", action="store_true", help="train inside applied_deltas()")
     args = parser.parse_args()
     base, _ = load_model_and_tokenizer()
     model = get_spiel_model(base, SpielConfig(density=args.density, regrowth=args.method[-2:],
@@ -49,7 +49,7 @@ def main() -> None:
         selector.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with contextlib.nullcontext() if args.per_use else model.applied_deltas():
+    with model.applied_deltas() if args.applied else contextlib.nullcontext():
         step()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):

@@ -17,6 +17,8 @@ RESULTS = Path(__file__).parent / "results"
 NAMES = {"floor": "floor (no weight gradient)", "lora": "peft LoRA", "shira": "peft SHiRA",
          "full": "full fine-tuning (AdamW)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA",
          "spiel-ag-bf16": "SpIEL-AG, bf16 weight gradient", "spiel-ma-bf16": "SpIEL-MA, bf16 weight gradient"}
+NAMES.update({f"{m}-applied": f"{NAMES[m]}, inside applied_deltas()"
+              for m in list(NAMES) if m.startswith("spiel")})
 
 
 def speed_tables(result: dict) -> str:

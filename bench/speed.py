@@ -11,9 +11,10 @@ accumulation windows (dense weight gradients) and updates are included in its av
 
 ``spiel-ag-bf16`` and ``spiel-ma-bf16`` are SpIEL with ``weight_grad_dtype="bfloat16"``: the
 GEMM behind the weight gradient in bfloat16, everything else as in ``spiel-ag``/``spiel-ma``.
-SpIEL trains inside ``SpielModel.applied_deltas()``, as ``SpielTrainer`` does; a
-``-per-use`` suffix (e.g. ``spiel-ma-bf16-per-use``, not in the default set) trains outside it,
-writing and restoring the deltas in every forward and backward, for comparison.
+An ``-applied`` suffix (e.g. ``spiel-ma-applied``, not in the default set) trains inside
+``SpielModel.applied_deltas()`` (``SpielTrainer(keep_deltas_applied=True)``), where the deltas
+stay written into W between steps instead of being written and restored in every forward and
+backward.
 
 Results go to bench/results/*.json.
 """
@@ -40,7 +41,7 @@ from spielft import SpielConfig, get_spiel_model
 RESULTS = Path(__file__).parent / "results"
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["floor", "lora", "shira", "full", "spiel-ag", "spiel-ma", "spiel-ag-bf16", "spiel-ma-bf16"]
-CHOICES = METHODS + [f"{m}-per-use" for m in METHODS if m.startswith("spiel")]
+CHOICES = METHODS + [f"{m}-applied" for m in METHODS if m.startswith("spiel")]
 
 
 # -- models and methods ----------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class Method:
                 weight_grad_dtype=grad_dtype))
             self.optimizer = model.create_optimizer(lr=1e-4 if regrowth == "ag" else 1e-3)
             self.selector = model.create_selector(self.optimizer, total_steps=total_steps)
-            if not name.endswith("-per-use"):
+            if name.endswith("-applied"):
                 self.context.enter_context(model.applied_deltas())
         self.model = model
         self.times: list[float] = []

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import spielft.model as spielft_model
 from spielft import SpielConfig, SpielLinear, get_spiel_model
 from spielft.layer import split_budget
 
@@ -80,7 +81,7 @@ def test_saved_config_from_before_input_normalisation_keeps_raw_scores():
 def test_bfloat16_weight_gradients_reach_every_linear_delta_and_round_trip(tmp_path, monkeypatch):
     config = SpielConfig(density=0.2, weight_grad_dtype=torch.bfloat16)
     assert config.weight_grad_dtype == "bfloat16"
-    monkeypatch.setattr("spielft.model._cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr("spielft.model._cpu_bf16_gemm_speedup", lambda: 2.0)
     model = get_spiel_model(tiny_llama(), config)
     deltas = [d for layer in model.spiel_layers().values() for d in layer.spiel_deltas.values()]
     assert deltas and all(d.grad_dtype == torch.bfloat16 for d in deltas)
@@ -96,10 +97,15 @@ def test_bfloat16_weight_gradients_reach_every_linear_delta_and_round_trip(tmp_p
     assert layer.combined_delta().grad_dtype == torch.float32
 
 
-def test_bfloat16_weight_gradients_warn_on_a_cpu_without_bf16_units(monkeypatch):
-    monkeypatch.setattr("spielft.model._cpu_has_bf16_units", lambda: False)
-    with pytest.warns(UserWarning, match="without AVX512-BF16 or AMX"):
+def test_bfloat16_weight_gradients_warn_on_a_cpu_where_bf16_is_not_faster(monkeypatch):
+    monkeypatch.setattr("spielft.model._cpu_bf16_gemm_speedup", lambda: 0.5)
+    with pytest.warns(UserWarning, match=r"not faster than float32 ones \(measured: 0.50x"):
         get_spiel_model(tiny_llama(), SpielConfig(density=0.2, weight_grad_dtype="bfloat16"))
+
+
+def test_the_cpu_bf16_speedup_is_measured_once():
+    speedup = spielft_model._cpu_bf16_gemm_speedup()
+    assert speedup > 0 and spielft_model._cpu_bf16_gemm_speedup() == speedup
 
 
 def test_budget_larger_than_targets_and_unmatched_patterns_fail_clearly():

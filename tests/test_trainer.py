@@ -179,22 +179,33 @@ class _BaseWeightProbe(SpielCallback):
         return super().on_step_end(args, state, control, **kwargs)
 
 
-@pytest.mark.parametrize("fail_at", [None, 3])
-def test_spiel_trainer_trains_with_deltas_applied_and_restores_the_base(tmp_path, fail_at):
-    model = _tiny_spiel("ma")
-    pretrained = {n: layer.weight.clone() for n, layer in model.spiel_layers().items()}
-    probe = _BaseWeightProbe(pretrained, fail_at)
-    trainer = SpielTrainer(model=model, args=_args(tmp_path), train_dataset=_token_dataset(),
-                           callbacks=[probe])
-    if fail_at is None:
-        trainer.train()
-    else:
-        with pytest.raises(KeyError):
+@pytest.mark.parametrize(("keep_applied", "fail_at"), [(False, None), (True, None), (True, 3)])
+def test_spiel_trainer_keeps_deltas_applied_only_when_asked_and_restores_the_base(
+    tmp_path, keep_applied, fail_at
+):
+    def train(keep):
+        model = _tiny_spiel("ma")
+        pretrained = {n: layer.weight.clone() for n, layer in model.spiel_layers().items()}
+        probe = _BaseWeightProbe(pretrained, fail_at)
+        trainer = SpielTrainer(model=model, args=_args(tmp_path), train_dataset=_token_dataset(),
+                               callbacks=[probe], keep_deltas_applied=keep)
+        if fail_at is None:
             trainer.train()
-    # Inside train(), W holds W + delta between steps (from step 2: the deltas start at 0).
-    assert len(probe.applied) == (fail_at or MAX_STEPS) and all(probe.applied[1:])
-    for name, layer in model.spiel_layers().items():
-        assert torch.equal(layer.weight, pretrained[name]), name
+        else:
+            with pytest.raises(KeyError):
+                trainer.train()
+        for name, layer in model.spiel_layers().items():
+            assert torch.equal(layer.weight, pretrained[name]), name
+        return probe.applied, _losses(trainer)
+
+    applied, losses = train(keep_applied)
+    assert len(applied) == (fail_at or MAX_STEPS)
+    if keep_applied:
+        # W holds W + delta between steps (from step 2: the deltas start at 0), same results.
+        assert all(applied[1:])
+        assert losses == train(False)[1]
+    else:
+        assert not any(applied)
 
 
 def test_spiel_trainer_evaluates_with_loss(tmp_path):

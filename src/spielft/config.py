@@ -101,8 +101,9 @@ class SpielConfig:
             accumulated. ``"auto"`` (default): bfloat16 when the layer computes in bfloat16,
             as autograd does for any bf16 layer, exact otherwise. ``"bfloat16"``: always
             rounds the two operands to bfloat16, as mixed-precision training does; on a
-            float32 model it halves that GEMM's time on CPUs with AVX512-BF16 or AMX
-            (``bench/speed.py``) but is slow where bf16 is emulated. ``"float32"``: always
+            float32 model it halved that GEMM's time on an AMD EPYC with AVX512-BF16 but
+            doubled it on an Intel Xeon with the same flag (``bench/speed.py``; spielft
+            measures it and warns where it is not faster). ``"float32"``: always
             exact. The forward pass and the gradients flowing to the rest of the model do not
             depend on it.
         seed: Seed of the random initial index sets (identical on every rank).

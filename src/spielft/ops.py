@@ -31,8 +31,8 @@ from torch import Tensor
 # below GATHER_SDDMM_DENSITY (at 0.1%: 1.0 ms against 2.4), the CSR sampled matmul in between.
 DENSE_SDDMM_DENSITY = 0.12
 GATHER_SDDMM_DENSITY = 0.002
-# With a bfloat16 GEMM (see `gemm_dtype_for`) the dense path costs 0.5-0.6 as much on a CPU with
-# AVX512-BF16, so it beats the float32 CSR path from 3-10% up on the large shapes (1536 x 576:
+# With a bfloat16 GEMM (see `gemm_dtype_for`) the dense path costs 0.5-0.6 as much on the AMD
+# EPYC (AVX512-BF16) these were measured on, so it beats the float32 CSR path from 3-10% up on the large shapes (1536 x 576:
 # 5.4 ms against 5.6 at 3%, 5.6 against 9.1 at 10%) and 1-3% on the small ones
 # (bench/results/sddmm_bf16.json): 5% is taken for all.
 BF16_DENSE_SDDMM_DENSITY = 0.05
@@ -89,12 +89,29 @@ def weight_lock(weight: Tensor) -> threading.RLock:
     return lock
 
 
+def _scatter_takes_int32() -> bool:
+    """Whether ``scatter_`` takes an int32 index (torch >= 2.8), so int32 indices need no copy."""
+    try:
+        torch.zeros(1).scatter_(0, torch.zeros(1, dtype=torch.int32), torch.ones(1))
+    except RuntimeError:
+        return False
+    return True
+
+
+_SCATTER_TAKES_INT32 = _scatter_takes_int32()
+
+
+def _scatter_index(indices: Tensor) -> Tensor:
+    return indices if _SCATTER_TAKES_INT32 and indices.dtype == torch.int32 else indices.long()
+
+
 class _AppliedDelta:
     """What `applied_deltas` keeps written into one base weight between uses.
 
     ``saved`` holds W's own values at ``positions`` (None while nothing is written), so the
-    weight is restored bit for bit; ``token`` names the op call whose values W holds, so that
-    call's backward can use W as it is.
+    weight is restored bit for bit: 4 bytes per delta for a float32 W, plus the positions'
+    own copy (4 bytes for int32 indices), held for the whole block. ``token`` names the op
+    call whose values W holds, so that call's backward can use W as it is.
     """
 
     def __init__(self, weight: Tensor) -> None:
@@ -109,7 +126,7 @@ class _AppliedDelta:
     def restore(self, weight: Tensor) -> None:
         if self.saved is not None:
             saved = self.saved.to(device=weight.device, dtype=weight.dtype)  # after a .to()
-            weight.view(-1).scatter_(0, self.positions.to(weight.device), saved)
+            weight.view(-1).scatter_(0, _scatter_index(self.positions.to(weight.device)), saved)
         self.indices = self.positions = self.saved = self.token = None
 
     def write(self, weight: Tensor, indices: Tensor, values: Tensor, token: object | None) -> None:
@@ -127,19 +144,20 @@ class _AppliedDelta:
             same = indices is self.indices and indices._version == self.indices_version
             if not same:
                 same = indices.numel() == self.positions.numel() and torch.equal(
-                    indices.long(), self.positions
+                    indices.to(self.positions.dtype), self.positions
                 )
             if not same:
                 self.restore(weight)
             elif token is not None and token is self.token:
                 return  # this op's forward wrote exactly these values
         if self.saved is None:
-            self.positions = indices.long()
+            # A copy: restoring must not depend on the caller's tensor staying as it is.
+            self.positions = indices.clone()
             self.saved = flat.index_select(0, self.positions)
         elif self.saved.dtype != flat.dtype or self.saved.device != flat.device:
             self.saved = self.saved.to(device=flat.device, dtype=flat.dtype)
         self.indices, self.indices_version = indices, indices._version
-        flat.scatter_(0, self.positions, merged_values(self.saved, values))
+        flat.scatter_(0, _scatter_index(self.positions), merged_values(self.saved, values))
         self.token, self.weight_version = token, weight._version
 
 
@@ -159,9 +177,11 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     Outside, every forward and every backward patches W at the deltas' positions and restores
     it: three passes over those positions each, and at LoRA-like densities every cache line of
     W. Inside, a forward writes only the new values (one pass), its backward writes nothing,
-    and each weight is restored exactly on exit. W then reads as ``W + delta`` inside the
-    block; `restore_weight` (what merging and a base-only forward call) puts W back first.
-    Blocks nest; only the outermost one restores.
+    and each weight is restored exactly on exit. The price is memory: W's own values at the
+    positions, and the positions, kept for the whole block (8 bytes per float32 delta with
+    int32 indices). W reads as ``W + delta`` inside the block; `restore_weight` (what merging
+    and a base-only forward call) puts W back first. Blocks nest; only the outermost one
+    restores.
     """
     entered = []
     with _WEIGHT_LOCKS_GUARD:
@@ -209,7 +229,7 @@ def weight_with_deltas(
     """
     with torch.no_grad():
         if callable(weight):
-            idx = indices.long()
+            idx = _scatter_index(indices)
             dense = weight()
             flat = dense.view(-1)
             flat.scatter_(0, idx, merged_values(flat.index_select(0, idx), values))
@@ -224,7 +244,7 @@ def weight_with_deltas(
                 yield weight
                 return
             # index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU.
-            idx = indices.long()
+            idx = _scatter_index(indices)
             flat = weight.view(-1)
             saved = flat.index_select(0, idx)
             flat.scatter_(0, idx, merged_values(saved, values))

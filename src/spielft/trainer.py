@@ -593,13 +593,22 @@ class SpielTrainerMixin:
       ``training_args.bin`` as usual), never the base model's weights;
     * resumes by loading the checkpoint's indices and values into the existing deltas;
     * logs the selection statistics through ``Trainer.log``;
-    * takes label names and dataset columns from the wrapped transformers model.
+    * takes label names and dataset columns from the wrapped transformers model;
+    * with ``keep_deltas_applied=True``, trains inside `SpielModel.applied_deltas` (faster
+      steps at high density, 8 more bytes per delta).
 
     DeepSpeed, FSDP and ``nn.DataParallel`` are refused when training starts; use DDP.
     """
 
-    def __init__(self, *args: Any, sm3_momentum: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        sm3_momentum: float | None = None,
+        keep_deltas_applied: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.sm3_momentum = sm3_momentum
+        self.keep_deltas_applied = keep_deltas_applied
         super().__init__(*args, **kwargs)
         callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SpielCallback)]
         if callbacks:
@@ -626,12 +635,14 @@ class SpielTrainerMixin:
                 self.can_return_loss = can_return_loss(inner)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train`` with the deltas kept in the base weights throughout.
+        """``Trainer.train``; with ``keep_deltas_applied``, inside `SpielModel.applied_deltas`.
 
-        See `SpielModel.applied_deltas`: the same results, without patching and restoring
-        every targeted weight in every forward and backward. The base weights are restored
-        when training ends, also on an error.
+        That gives the same results without patching and restoring every targeted weight in
+        every forward and backward, for 8 more bytes per delta held while training; the base
+        weights are restored when training ends, also on an error.
         """
+        if not self.keep_deltas_applied:
+            return super().train(*args, **kwargs)
         with self.spiel_model.applied_deltas():
             return super().train(*args, **kwargs)
 
@@ -695,7 +706,8 @@ class SpielTrainer(SpielTrainerMixin, Trainer):
     """`transformers.Trainer` for a `SpielModel`: SpIEL optimizer, schedule, adapter checkpoints.
 
     Use like ``Trainer`` (``SpielTrainer(model=spiel_model, args=..., train_dataset=...)``);
-    the extra keyword ``sm3_momentum`` sets SM3's momentum for ``regrowth="ma"``. See
+    the extra keywords ``sm3_momentum`` (SM3's momentum for ``regrowth="ma"``) and
+    ``keep_deltas_applied`` (see `SpielModel.applied_deltas`) are SpIEL's own. See
     `SpielTrainerMixin` and `SpielCallback` for what it adds, and the module docstring for
     the checkpoint layout. ``trainer.selector`` is the running `SpielSelector` once
     ``train()`` has started.

@@ -99,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="spiel-ag: start regrown deltas' Adam moments from their accumulated gradients, not zeros")
     method.add_argument("--weight-grad-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="SpIEL: dtype of the GEMM behind the weight gradient (auto: bfloat16 for a bf16 "
-                             "model, else float32; bfloat16 on a float32 model: that GEMM about 2x faster on "
-                             "CPUs with AVX512-BF16/AMX)")
+                             "model, else float32; bfloat16 on a float32 model: that GEMM 2x faster on "
+                             "some CPUs, slower on others; spielft warns where it measures no gain)")
     method.add_argument("--target-modules", nargs="*", default=None,
                         help="module-name suffixes, e.g. q_proj v_proj (default, or all-linear: every "
                              "linear layer but the output head)")
