@@ -326,3 +326,18 @@ def test_applied_deltas_keep_low_precision_rounding_and_embeddings():
             assert torch.equal(sparse_delta_linear(xx, w, b.bfloat16(), indices, vals), expected)
             assert torch.equal(ops.sparse_delta_embedding(ids, w, indices, vals), expected_rows)
     assert torch.equal(w, pretrained)
+
+
+def test_a_failed_write_inside_applied_deltas_leaves_the_block_usable():
+    # e.g. a caught error retried in the same block (auto_find_batch_size): no false alarm.
+    weight, b, indices, values, x = _case(9, 8, 0.3, (4,), False)
+    indices = indices.int()  # the layers' own index dtype
+    pretrained = weight.clone()
+    with ops.applied_deltas([weight]):
+        for wrong in (values.detach()[:-1], values.detach()):
+            with pytest.raises(RuntimeError):
+                sparse_delta_linear(x, weight, b, indices, wrong[:-1])
+            out = sparse_delta_linear(x, weight, b, indices, values)
+            torch.testing.assert_close(out, _dense_reference(x, pretrained, b, indices, values),
+                                       rtol=0, atol=1e-12)
+    assert torch.equal(weight, pretrained)

@@ -186,7 +186,8 @@ def _cpu_bf16_gemm_speedup() -> float:
     CPU flags do not tell: with AVX512-BF16 the same weight-gradient GEMM ran in half the time
     on an AMD EPYC and in twice the time on an Intel Xeon (bench/results). About 50 ms, once.
     """
-    g, x = torch.randn(1024, 768), torch.randn(1024, 768)
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: user code must not notice
+    g, x = torch.randn(1024, 768, generator=gen), torch.randn(1024, 768, generator=gen)
 
     def best(a: Tensor, b: Tensor) -> float:
         a.T @ b  # warm-up
@@ -420,9 +421,10 @@ class SpielModel(nn.Module):
         and a copy of the positions, 8 bytes per float32 delta (int32 indices), which is why it
         is opt-in for training (``SpielTrainer(..., keep_deltas_applied=True)``, or wrap a
         hand-written loop). `generate` always runs inside one. Inside, the targeted base
-        weights read as ``W + delta``: do not read or modify them there (merging, unloading,
-        ``disable_adapter`` and `restore_base_weights` put W back first). Quantized layers
-        dequantize a fresh copy per use and are not affected.
+        weights (and ``state_dict()``) read as ``W + delta``: do not read, save or modify them
+        there. Merging, unloading, a forward under ``disable_adapter`` and
+        `restore_base_weights` put W back first. Quantized layers dequantize a fresh copy per
+        use and are not affected.
         """
         weights = [layer.weight_source() for layer in self.spiel_layers().values()]
         with applied_deltas([w for w in weights if isinstance(w, Tensor)]):

@@ -130,21 +130,28 @@ class _AppliedDelta:
         self.indices = self.positions = self.saved = self.token = None
 
     def write(self, weight: Tensor, indices: Tensor, values: Tensor, token: object | None) -> None:
-        """Make W hold W0 + scatter(indices, values), writing only what is not already there."""
+        """Make W hold W0 + scatter(indices, values), writing only what is not already there.
+
+        The state changes only once the write has succeeded: a failed call (e.g. values of the
+        wrong length) leaves the block usable.
+        """
         flat = weight.view(-1)
         if self.saved is not None:
             if weight._version != self.weight_version:
                 raise RuntimeError(
                     f"a base weight of shape {tuple(weight.shape)} was modified in place while "
                     "spielft kept sparse deltas applied to it (inside "
-                    "SpielModel.applied_deltas(), which SpielTrainer.train() enters), so its "
-                    "pretrained values can no longer be restored exactly. Modify base weights "
-                    "outside that block."
+                    "SpielModel.applied_deltas(), or SpielTrainer(keep_deltas_applied=True)), "
+                    "so its pretrained values can no longer be restored exactly. Modify base "
+                    "weights outside that block."
                 )
+            if self.saved.device != flat.device or self.saved.dtype != flat.dtype:  # a .to()
+                self.positions = self.positions.to(flat.device)
+                self.saved = self.saved.to(device=flat.device, dtype=flat.dtype)
             same = indices is self.indices and indices._version == self.indices_version
             if not same:
                 same = indices.numel() == self.positions.numel() and torch.equal(
-                    indices.to(self.positions.dtype), self.positions
+                    indices.to(device=flat.device, dtype=self.positions.dtype), self.positions
                 )
             if not same:
                 self.restore(weight)
@@ -152,12 +159,13 @@ class _AppliedDelta:
                 return  # this op's forward wrote exactly these values
         if self.saved is None:
             # A copy: restoring must not depend on the caller's tensor staying as it is.
-            self.positions = indices.clone()
-            self.saved = flat.index_select(0, self.positions)
-        elif self.saved.dtype != flat.dtype or self.saved.device != flat.device:
-            self.saved = self.saved.to(device=flat.device, dtype=flat.dtype)
+            positions = indices.clone()
+            saved = flat.index_select(0, positions)
+        else:
+            positions, saved = self.positions, self.saved
+        flat.scatter_(0, _scatter_index(positions), merged_values(saved, values))
+        self.positions, self.saved = positions, saved
         self.indices, self.indices_version = indices, indices._version
-        flat.scatter_(0, _scatter_index(self.positions), merged_values(self.saved, values))
         self.token, self.weight_version = token, weight._version
 
 
@@ -178,10 +186,10 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     it: three passes over those positions each, and at LoRA-like densities every cache line of
     W. Inside, a forward writes only the new values (one pass), its backward writes nothing,
     and each weight is restored exactly on exit. The price is memory: W's own values at the
-    positions, and the positions, kept for the whole block (8 bytes per float32 delta with
-    int32 indices). W reads as ``W + delta`` inside the block; `restore_weight` (what merging
-    and a base-only forward call) puts W back first. Blocks nest; only the outermost one
-    restores.
+    positions, and the positions, kept for the whole block (8 bytes per float32 delta with one
+    adapter's int32 indices; 12 with several adapters' combined int64 ones). W reads as
+    ``W + delta`` inside the block; `restore_weight` (what merging and a forward without live
+    deltas call) puts W back first. Blocks nest; only the outermost one restores.
     """
     entered = []
     with _WEIGHT_LOCKS_GUARD:
@@ -192,12 +200,18 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     try:
         yield
     finally:
-        for weight in entered:
+        failures = []
+        for weight in entered:  # every weight, even if restoring another one failed
             with weight_lock(weight):
                 applied = _APPLIED.pop(id(weight), None)
-                if applied is not None:
-                    with torch.no_grad():
-                        applied.restore(weight)
+                try:
+                    if applied is not None:
+                        with torch.no_grad():
+                            applied.restore(weight)
+                except Exception as error:  # re-raised below, once all are restored
+                    failures.append(error)
+        if failures:
+            raise failures[0]
 
 
 def restore_weight(weight: WeightSource) -> None:
