@@ -177,6 +177,7 @@ def time_methods(args: argparse.Namespace, density_budget: int | None = None) ->
               flush=True)
     out: dict[str, Any] = {"budget": budget, "methods": {}}
     for m in methods:
+        m.context.close()
         timed = m.times[args.warmup:]
         # AG: mean over a whole cycle (windows and updates included); others: median.
         value = (statistics.fmean(timed[:cycle]) if m.name.startswith("spiel-ag") and len(timed) >= cycle
@@ -228,6 +229,7 @@ def memory_child(args: argparse.Namespace) -> None:
     for _ in range(4):
         m.step(batch)
     rss = peak_rss_mib()
+    m.context.close()
     print(json.dumps({"method": args.memory, "quantize": getattr(args, "quantize", None),
                       "trainable_params": m.trainable(), "peak_rss_mib": rss,
                       "state_bytes_per_param": m.state_bytes_per_param(),

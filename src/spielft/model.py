@@ -31,7 +31,7 @@ from .layer import (
     split_budget,
     wrap_module,
 )
-from .ops import applied_deltas, restore_weight
+from .ops import applied_deltas, restore_weight, weight_with_deltas
 from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
 
@@ -426,8 +426,16 @@ class SpielModel(nn.Module):
         `restore_base_weights` put W back first. Quantized layers dequantize a fresh copy per
         use and are not affected.
         """
-        weights = [layer.weight_source() for layer in self.spiel_layers().values()]
-        with applied_deltas([w for w in weights if isinstance(w, Tensor)]):
+        layers = [(layer, layer.weight_source()) for layer in self.spiel_layers().values()]
+        layers = [(layer, w) for layer, w in layers if isinstance(w, Tensor)]
+        with applied_deltas([w for _, w in layers]):
+            # Written now, before any activation exists: the buffers that keep W's own values
+            # are allocated once, not among a forward's temporaries (which fragments the heap).
+            for layer, weight in layers:
+                combined = layer.combined_delta()
+                if combined is not None:
+                    with weight_with_deltas(weight, combined.indices, combined.values):
+                        pass
             yield
 
     def restore_base_weights(self) -> None:
