@@ -175,8 +175,9 @@ def test_the_lifecycle_inside_applied_deltas_sees_the_pretrained_weights():
                    for n, p in model.base_model.named_parameters() if "spiel_deltas" not in n)
 
     with model.applied_deltas():
+        assert not base_weights_are_pretrained()  # written when the block opens
         assert torch.equal(logits(model), adapted)
-        assert not base_weights_are_pretrained()  # the deltas stay written in
+        assert not base_weights_are_pretrained()  # and they stay written in
         with model.disable_adapter():
             assert torch.equal(logits(model), base_logits)
         model.set_adapter("other")
