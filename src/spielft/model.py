@@ -31,7 +31,7 @@ from .layer import (
     split_budget,
     wrap_module,
 )
-from .ops import applied_deltas, restore_weight, weight_with_deltas
+from .ops import applied_deltas, restore_weight, write_applied
 from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
 
@@ -342,8 +342,9 @@ class SpielModel(nn.Module):
                 layer.add_delta(adapter_name, delta)
         self.peft_config[adapter_name] = config
         self._mark_trainable()
-        on_cpu = any(p.device.type == "cpu" for p in self.base_model.parameters())
-        if config.weight_grad_dtype == "bfloat16" and on_cpu:
+        if config.weight_grad_dtype == "bfloat16" and any(
+            p.device.type == "cpu" for p in self.base_model.parameters()
+        ):
             speedup = _cpu_bf16_gemm_speedup()
             if speedup < 1.1:
                 warnings.warn(
@@ -431,11 +432,11 @@ class SpielModel(nn.Module):
         with applied_deltas([w for _, w in layers]):
             # Written now, before any activation exists: the buffers that keep W's own values
             # are allocated once, not among a forward's temporaries (which fragments the heap).
-            for layer, weight in layers:
-                combined = layer.combined_delta()
-                if combined is not None:
-                    with weight_with_deltas(weight, combined.indices, combined.values):
-                        pass
+            with torch.no_grad():
+                for layer, weight in layers:
+                    combined = layer.combined_delta()
+                    if combined is not None:
+                        write_applied(weight, combined.indices, combined.values)
             yield
 
     def restore_base_weights(self) -> None:

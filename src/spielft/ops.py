@@ -32,9 +32,9 @@ from torch import Tensor
 DENSE_SDDMM_DENSITY = 0.12
 GATHER_SDDMM_DENSITY = 0.002
 # With a bfloat16 GEMM (see `gemm_dtype_for`) the dense path costs 0.5-0.6 as much on the AMD
-# EPYC (AVX512-BF16) these were measured on, so it beats the float32 CSR path from 3-10% up on the large shapes (1536 x 576:
-# 5.4 ms against 5.6 at 3%, 5.6 against 9.1 at 10%) and 1-3% on the small ones
-# (bench/results/sddmm_bf16.json): 5% is taken for all.
+# EPYC (AVX512-BF16) these were measured on, so it beats the float32 CSR path from 3-10% up on
+# the large shapes (1536 x 576: 5.4 ms against 5.6 at 3%, 5.6 against 9.1 at 10%) and 1-3% on
+# the small ones (bench/results/sddmm_bf16.json): 5% is taken for all.
 BF16_DENSE_SDDMM_DENSITY = 0.05
 
 # The sampled matmul below is the one CSR op we use; its "beta" notice is noise for our users.
@@ -101,7 +101,8 @@ def _scatter_takes_int32() -> bool:
 _SCATTER_TAKES_INT32 = _scatter_takes_int32()
 
 
-def _scatter_index(indices: Tensor) -> Tensor:
+def scatter_index(indices: Tensor) -> Tensor:
+    """``indices`` as ``scatter_`` takes them: int32 as they are where torch allows it."""
     return indices if _SCATTER_TAKES_INT32 and indices.dtype == torch.int32 else indices.long()
 
 
@@ -118,7 +119,7 @@ class _AppliedDelta:
         self.weight = weakref.ref(weight)
         self.indices: Tensor | None = None  # the caller's index tensor, as last seen
         self.indices_version = -1
-        self.positions: Tensor | None = None  # the same, as int64
+        self.positions: Tensor | None = None  # our own copy of them
         self.saved: Tensor | None = None
         self.token: object | None = None
         self.weight_version = -1
@@ -126,7 +127,7 @@ class _AppliedDelta:
     def restore(self, weight: Tensor) -> None:
         if self.saved is not None:
             saved = self.saved.to(device=weight.device, dtype=weight.dtype)  # after a .to()
-            weight.view(-1).scatter_(0, _scatter_index(self.positions.to(weight.device)), saved)
+            weight.view(-1).scatter_(0, scatter_index(self.positions.to(weight.device)), saved)
         self.indices = self.positions = self.saved = self.token = None
 
     def write(self, weight: Tensor, indices: Tensor, values: Tensor, token: object | None) -> None:
@@ -163,7 +164,7 @@ class _AppliedDelta:
             saved = flat.index_select(0, positions)
         else:
             positions, saved = self.positions, self.saved
-        flat.scatter_(0, _scatter_index(positions), merged_values(saved, values))
+        flat.scatter_(0, scatter_index(positions), merged_values(saved, values))
         self.positions, self.saved = positions, saved
         self.indices, self.indices_version = indices, indices._version
         self.token, self.weight_version = token, weight._version
@@ -214,6 +215,14 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
             raise failures[0]
 
 
+def write_applied(weight: Tensor, indices: Tensor, values: Tensor) -> None:
+    """Inside an `applied_deltas` block, write the deltas into W now (outside one: nothing)."""
+    with torch.no_grad(), weight_lock(weight):
+        applied = _applied_for(weight)
+        if applied is not None:
+            applied.write(weight, indices, values, None)
+
+
 def restore_weight(weight: WeightSource) -> None:
     """Put W's own values back where an `applied_deltas` block wrote deltas into it.
 
@@ -243,7 +252,7 @@ def weight_with_deltas(
     """
     with torch.no_grad():
         if callable(weight):
-            idx = _scatter_index(indices)
+            idx = scatter_index(indices)
             dense = weight()
             flat = dense.view(-1)
             flat.scatter_(0, idx, merged_values(flat.index_select(0, idx), values))
@@ -258,7 +267,7 @@ def weight_with_deltas(
                 yield weight
                 return
             # index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU.
-            idx = _scatter_index(indices)
+            idx = scatter_index(indices)
             flat = weight.view(-1)
             saved = flat.index_select(0, idx)
             flat.scatter_(0, idx, merged_values(saved, values))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import SparseDelta
+from .ops import scatter_index
 
 
 def _remap(state: Tensor, source: Tensor, init: Tensor | None = None) -> Tensor:
@@ -131,8 +132,7 @@ def _covered_max_(acc: Tensor, positions: Tensor, nu: Tensor) -> None:
     with ``index_fill_``) costs a second pass over all of ``positions``; here the scatter goes
     into a -1 sentinel (nu >= 0) and the keep-or-take is over ``acc``'s few entries.
     """
-    # int64 for the scatter: torch < 2.8 takes no int32 index there (index_select does).
-    new = torch.full_like(acc, -1.0).scatter_reduce_(0, positions.long(), nu, "amax")
+    new = torch.full_like(acc, -1.0).scatter_reduce_(0, scatter_index(positions), nu, "amax")
     acc.copy_(torch.where(new < 0, acc, new))  # NaN (a NaN gradient) is taken, as before
 
 

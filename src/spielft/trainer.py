@@ -52,6 +52,7 @@ import inspect
 import json
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -641,9 +642,8 @@ class SpielTrainerMixin:
         every forward and backward, for 8 more bytes per delta held while training; the base
         weights are restored when training ends, also on an error.
         """
-        if not self.keep_deltas_applied:
-            return super().train(*args, **kwargs)
-        with self.spiel_model.applied_deltas():
+        applied = self.spiel_model.applied_deltas() if self.keep_deltas_applied else nullcontext()
+        with applied:
             return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
