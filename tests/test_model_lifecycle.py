@@ -1,5 +1,6 @@
 """Adapter lifecycle: save/load, merge/unmerge/disable, several adapters, composition, bad files."""
 
+import contextlib
 import json
 
 import pytest
@@ -102,6 +103,28 @@ def test_merge_equals_unmerged_and_unmerge_restores(dtype):
     model.unmerge()
     for n, p in model.base_model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("applied", [False, True])
+def test_merging_between_forward_and_backward_is_refused(applied):
+    """The backward would otherwise add the merged deltas a second time to W."""
+    model = trained()
+    block = model.applied_deltas() if applied else contextlib.nullcontext()
+    embeds = model.get_input_embeddings()(IDS).detach().requires_grad_()
+    with block:
+        loss = model(inputs_embeds=embeds).logits.square().mean()
+        model.merge()
+        with pytest.raises(RuntimeError, match="merged or unmerged between this forward pass and its backward"):
+            loss.backward()
+        model.unmerge()
+    # Merging before the forward and unmerging after the backward is fine, and exact.
+    ref = trained()
+    ref_embeds = embeds.detach().clone().requires_grad_()
+    ref(inputs_embeds=ref_embeds).logits.square().mean().backward()
+    model.zero_grad()
+    embeds.grad = None
+    model(inputs_embeds=embeds).logits.square().mean().backward()
+    torch.testing.assert_close(embeds.grad, ref_embeds.grad, rtol=0, atol=0)
 
 
 def test_merge_and_unload_returns_plain_model():
@@ -262,11 +285,11 @@ def _dense_deltas(model, adapter):
     return {n: d.to_dense(torch.float32) for n, d in model.sparse_deltas(adapter).items()}
 
 
-def test_save_selected_adapters_in_peft_layout(tmp_path):
+def test_save_every_adapter_in_peft_layout(tmp_path):
     model = trained()
     model.add_adapter("task", SpielConfig(density=0.05, seed=3))
     randomize(model, "task", seed=4)
-    model.save_pretrained(tmp_path, selected_adapters=["default", "task"])
+    model.save_pretrained(tmp_path)  # as peft: every adapter when none is selected
     assert (tmp_path / ADAPTER_WEIGHTS_NAME).is_file()
     assert (tmp_path / "task" / ADAPTER_WEIGHTS_NAME).is_file()
     again = SpielModel.from_pretrained(tiny_llama(), tmp_path)
@@ -276,6 +299,41 @@ def test_save_selected_adapters_in_peft_layout(tmp_path):
             loaded = again.sparse_deltas(name)[module]
             assert torch.equal(loaded.indices, delta.indices)
             assert torch.equal(loaded.values, delta.values)
+
+
+def test_save_selected_adapters_and_options(tmp_path):
+    model = trained()
+    model.add_adapter("task", SpielConfig(density=0.05, seed=3))
+    randomize(model, "task", seed=4)
+    model.save_pretrained(tmp_path / "sel", selected_adapters=["task"])
+    assert sorted(p.relative_to(tmp_path / "sel").as_posix() for p in (tmp_path / "sel").rglob("*.*")) == [
+        f"task/{ADAPTER_CONFIG_NAME}", f"task/{ADAPTER_WEIGHTS_NAME}"
+    ]
+    # Not the main process (DDP): nothing written, as peft.
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    with pytest.raises(ValueError, match="not both"):
+        model.save_pretrained(tmp_path / "both", adapter_name="task", selected_adapters=["task"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        model.save_pretrained(tmp_path / "file")
+    assert not (tmp_path / "pickle").exists() and not (tmp_path / "both").exists()
+
+
+def test_loading_a_folder_of_named_adapters_points_to_the_subfolder(tmp_path):
+    model = SpielModel.from_pretrained(tiny_llama(), _saved_folder(tmp_path / "one"), adapter_name="a")
+    model.save_pretrained(tmp_path / "out")  # "a" is not "default": peft puts it in out/a
+    with pytest.raises(FileNotFoundError, match=r"subfolders.*out/a"):
+        SpielModel.from_pretrained(tiny_llama(), tmp_path / "out")
+    again = SpielModel.from_pretrained(tiny_llama(), tmp_path / "out" / "a")
+    assert torch.equal(logits(again), logits(model))
+
+
+def _saved_folder(path):
+    trained().save_pretrained(path)
+    return path
 
 
 def test_several_adapters_add_up_and_can_be_deleted(tmp_path):

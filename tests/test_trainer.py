@@ -6,16 +6,21 @@ Tiny Llama models built from a config, fixed token data, CPU only, nothing downl
 import json
 import logging
 import os
+from concurrent import futures
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+import transformers.trainer
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import LlamaForCausalLM, TrainingArguments
 from transformers import logging as hf_logging
 
+import spielft.trainer
 from spielft import SM3, SparseAdamW, SpielConfig, SpielModel, get_spiel_model
+from spielft.model import ADAPTER_WEIGHTS_NAME
 from spielft.trainer import (
     SELECTOR_STATE_NAME,
     SELECTOR_TENSORS_NAME,
@@ -331,6 +336,48 @@ def test_checkpoints_hold_adapter_and_selector_state_only(tmp_path):
         other = reloaded.sparse_deltas()[name]
         assert torch.equal(other.indices, delta.indices)
         assert torch.equal(other.values, delta.values.detach())
+
+
+class _FakeHub:
+    """Stands in for huggingface_hub's HfApi: records what each upload would send."""
+
+    def __init__(self):
+        self.uploads = []
+
+    def create_repo(self, repo_name, **kwargs):
+        return SimpleNamespace(repo_id=f"me/{repo_name}")
+
+    def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+        self.uploads.append((path_in_repo, sorted(os.listdir(folder_path))))
+        done = futures.Future()
+        done.set_result(None)
+        return done
+
+
+def test_a_checkpoint_pushed_to_the_hub_holds_the_selector_state(tmp_path, monkeypatch):
+    """The Trainer pushes a checkpoint before on_save runs: the selector state must be there."""
+    hub = _FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    writes = []
+    save = spielft.trainer.save_selector_state
+    monkeypatch.setattr(
+        spielft.trainer, "save_selector_state", lambda *a, **k: writes.append(a[1]) or save(*a, **k)
+    )
+    trainer = SpielTrainer(
+        model=_tiny_spiel("ag"),
+        args=_args(
+            tmp_path, save_strategy="steps", save_steps=SAVE_AT, max_steps=SAVE_AT,
+            push_to_hub=True, hub_strategy="checkpoint", hub_model_id="spiel-test",
+        ),
+        train_dataset=_token_dataset(),
+    )
+    trainer.train()
+    pushed = dict(hub.uploads)["last-checkpoint"]
+    assert {SELECTOR_STATE_NAME, SELECTOR_TENSORS_NAME, ADAPTER_WEIGHTS_NAME} <= set(pushed)
+    checkpoint = tmp_path / f"checkpoint-{SAVE_AT}"
+    assert writes == [str(checkpoint)]  # once: on_save found it already written
+    state = json.loads((checkpoint / SELECTOR_STATE_NAME).read_text())
+    assert state["state"]["step_count"] == SAVE_AT
 
 
 def test_resume_keeps_float32_optimizer_state_for_bf16_deltas(tmp_path):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .ops import (
     GradCapture,
     WeightSource,
+    mark_base_rewritten,
     merged_values,
     restore_weight,
     sparse_delta_embedding,
@@ -229,6 +230,7 @@ class SpielLayer(nn.Module):
                 idx = delta.indices.long()
                 self._merge_backup[name] = (idx, flat[idx].clone())
                 flat[idx] = merged_values(flat[idx], delta.values)
+                mark_base_rewritten(weight)
                 self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -245,6 +247,7 @@ class SpielLayer(nn.Module):
                 idx, before = self._merge_backup[name]
                 # The model may have been moved or cast (``.to``) since the merge.
                 flat[idx.to(flat.device)] = before.to(device=flat.device, dtype=flat.dtype)
+                mark_base_rewritten(weight)
                 # Forget the backup only once it is written back: a failure stays retryable.
                 del self._merge_backup[name]
                 self.merged_adapters.pop()

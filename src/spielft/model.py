@@ -680,32 +680,46 @@ class SpielModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
-        adapter_name: str | None = None,
         *,
+        adapter_name: str | None = None,
         selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
 
-        Saves ``adapter_name`` (default: the active adapter) at the top of ``save_directory``;
-        or, with ``selected_adapters``, each of them as peft lays them out: ``"default"`` at the
-        top, any other in a subfolder named after it (load it with ``load_adapter(dir/name,
-        name)``). The weights file also carries the whole config in its metadata and is
-        replaced first, so a save interrupted at any point leaves a loadable, self-consistent
-        adapter.
+        As peft: every adapter (or those in ``selected_adapters``), ``"default"`` at the top
+        of ``save_directory`` and any other in a subfolder named after it (load it with
+        ``load_adapter(dir/name, name)``); nothing when not ``is_main_process``.
+        ``adapter_name`` (ours) writes that one adapter at the top, whatever its name. The
+        weights file also carries the whole config in its metadata and is replaced first, so
+        a save interrupted at any point leaves a loadable, self-consistent adapter.
         """
-        names = [adapter_name or self.active_adapter] if selected_adapters is None else list(selected_adapters)
+        if not safe_serialization:
+            raise ValueError(
+                "spielft saves adapters as safetensors only (a pickle could run code when "
+                "loaded); drop safe_serialization=False"
+            )
+        if adapter_name is not None and selected_adapters is not None:
+            raise ValueError("pass adapter_name or selected_adapters to save_pretrained, not both")
+        if Path(save_directory).is_file():
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
+        names = (
+            [adapter_name]
+            if adapter_name is not None
+            else list(self.peft_config if selected_adapters is None else selected_adapters)
+        )
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
             raise ValueError(
                 f"cannot save unknown adapter(s) {unknown or names} to {save_directory}; "
                 f"available: {list(self.peft_config)}"
             )
-        if selected_adapters is None:
-            self._save_adapter(Path(save_directory), names[0])
+        if not is_main_process:
             return
         for name in names:
-            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-            self._save_adapter(folder, name)
+            top = adapter_name is not None or name == "default"
+            self._save_adapter(Path(save_directory) if top else Path(save_directory) / name, name)
 
     def _save_adapter(self, directory: Path, adapter_name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -783,9 +797,18 @@ def read_adapter(
     """Read and validate a saved adapter against ``model``; raise a ValueError naming the problem."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}: not a spielft adapter folder"
+        nested = sorted(
+            sub.name for sub in Path(adapter_dir).glob(f"*/{ADAPTER_WEIGHTS_NAME}")
         )
+        hint = (
+            f" (it holds adapters in subfolders, as save_pretrained lays out adapters other "
+            f"than 'default': pass {Path(adapter_dir) / nested[0]}"
+            + (f", or one of {nested[1:]}" if nested[1:] else "")
+            + ")"
+            if nested
+            else ": not a spielft adapter folder"
+        )
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}{hint}")
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}

@@ -69,10 +69,31 @@ def merged_values(base: Tensor, values: Tensor) -> Tensor:
     return (base.to(dtype) + values.to(dtype)).to(base.dtype)
 
 
-# One lock per patchable weight tensor, keyed by id() and dropped when the tensor dies. Not an
-# attribute of the tensor or layer: a lock can be neither pickled nor deep-copied.
-_WEIGHT_LOCKS: dict[int, threading.RLock] = {}
+class _WeightState:
+    """Per-weight bookkeeping that must not live on the tensor (a lock can be neither pickled
+    nor deep-copied): the patching lock, and how often W's base values were rewritten on
+    purpose (merge, unmerge), so a backward can tell that its forward saw another W."""
+
+    __slots__ = ("base_revision", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.base_revision = 0
+
+
+# Keyed by id(), dropped when the tensor dies.
+_WEIGHT_STATES: dict[int, _WeightState] = {}
 _WEIGHT_LOCKS_GUARD = threading.Lock()
+
+
+def _weight_state(weight: Tensor) -> _WeightState:
+    key = id(weight)
+    with _WEIGHT_LOCKS_GUARD:
+        state = _WEIGHT_STATES.get(key)
+        if state is None:
+            state = _WEIGHT_STATES[key] = _WeightState()
+            weakref.finalize(weight, _WEIGHT_STATES.pop, key, None)
+    return state
 
 
 def weight_lock(weight: Tensor) -> threading.RLock:
@@ -80,13 +101,17 @@ def weight_lock(weight: Tensor) -> threading.RLock:
 
     Re-entrant, so a nested patch in the same thread (e.g. a recomputation) cannot deadlock.
     """
-    key = id(weight)
-    with _WEIGHT_LOCKS_GUARD:
-        lock = _WEIGHT_LOCKS.get(key)
-        if lock is None:
-            lock = _WEIGHT_LOCKS[key] = threading.RLock()
-            weakref.finalize(weight, _WEIGHT_LOCKS.pop, key, None)
-    return lock
+    return _weight_state(weight).lock
+
+
+def base_revision(weight: WeightSource) -> int | None:
+    """How many times `mark_base_rewritten` was called on ``weight`` (None: not a tensor)."""
+    return None if callable(weight) else _weight_state(weight).base_revision
+
+
+def mark_base_rewritten(weight: Tensor) -> None:
+    """Record that W's base values changed (merge/unmerge): pending backwards must not use it."""
+    _weight_state(weight).base_revision += 1
 
 
 def _scatter_takes_int32() -> bool:
@@ -398,6 +423,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         grad_dtype: torch.dtype | None = None,
     ) -> Tensor:
         ctx.token = object()  # lets backward find W as this forward left it (applied_deltas)
+        ctx.base_revision = base_revision(weight)
         with weight_with_deltas(weight, indices, values, ctx.token) as w:
             b = None if bias is None else bias.to(x.dtype)
             if transposed:  # exactly Conv1D's own computation
@@ -422,6 +448,13 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
+            if base_revision(ctx.weight) != ctx.base_revision:
+                raise RuntimeError(
+                    f"the base weight of shape {tuple(ctx.weight.shape)} was merged or unmerged "
+                    "between this forward pass and its backward pass, so the input gradient "
+                    "would use another weight than the forward did. Call merge()/unmerge() "
+                    "before the forward pass or after the backward pass."
+                )
             with weight_with_deltas(ctx.weight, indices, values, ctx.token) as w:
                 wt = w.to(g2.dtype)
                 grad_x = (g2 @ (wt.T if ctx.transposed else wt)).view(x.shape)

@@ -419,7 +419,8 @@ class SpielCallback(TrainerCallback):
       progress bar; report_to integrations registered before it miss them — `SpielTrainer`
       logs them through ``Trainer.log`` instead, so every integration sees them).
     * ``on_save``: writes the selector state and, unless the Trainer already did, the adapter
-      into ``output_dir/checkpoint-{step}``.
+      into ``output_dir/checkpoint-{step}``; ``on_push_begin`` writes them there before the
+      Trainer pushes that checkpoint to the Hub (which it does before ``on_save``).
 
     Args:
         model: The `SpielModel`; required when the Trainer holds another object (e.g.
@@ -440,6 +441,7 @@ class SpielCallback(TrainerCallback):
         self.run_dir: str | None = None  # set by SpielTrainerMixin (hyperparameter search)
         self.adapter_loaded = False  # set by SpielTrainerMixin once it loaded the checkpoint
         self._pending: dict[str, float] = {}
+        self._saved: tuple[str, int] | None = None  # (folder, step) last written
 
     # -- helpers ---------------------------------------------------------------------------------
     def _resolve_model(self, trainer_model: Any) -> SpielModel:
@@ -549,10 +551,23 @@ class SpielCallback(TrainerCallback):
                 state.log_history[-1].update(extra)
         return control
 
-    def on_save(self, args, state, control, **kwargs):
-        if self.selector is None:
-            return control
+    def on_push_begin(self, args, state, control, **kwargs):
+        # The Trainer pushes a checkpoint (hub_strategy="checkpoint"/"all_checkpoints") from
+        # inside _save_checkpoint, before on_save: write our part first, so the pushed
+        # checkpoint can resume too. Only the main process pushes; the others write in on_save.
         directory = self._checkpoint_dir(args, state.global_step)
+        if os.path.isdir(directory):
+            self._save_to(args, directory)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self._save_to(args, self._checkpoint_dir(args, state.global_step))
+        return control
+
+    def _save_to(self, args: TrainingArguments, directory: str) -> None:
+        """Write the selector state and, unless the Trainer already did, the adapter."""
+        if self.selector is None or self._saved == (directory, self.selector.step_count):
+            return
         rank, world = _rank_and_world(args)
         main = _is_main_process(args)
         if world > 1 or main:
@@ -564,8 +579,8 @@ class SpielCallback(TrainerCallback):
             and self.model is not None
             and not os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
         ):
-            self.model.save_pretrained(directory, self.selector.adapter_name)
-        return control
+            self.model.save_pretrained(directory, adapter_name=self.selector.adapter_name)
+        self._saved = (directory, self.selector.step_count)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.selector is not None:
@@ -669,13 +684,14 @@ class SpielTrainerMixin:
         super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the adapter (not the base model), the tokenizer and the training arguments."""
+        """Write the trained adapter (not the base model) at the top of ``output_dir``, whatever
+        its name (checkpoints resume from there), the tokenizer and the training arguments."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving SpIEL adapter to %s", output_dir)
-        self.spiel_model.save_pretrained(output_dir)
+        self.spiel_model.save_pretrained(output_dir, adapter_name=self.spiel_model.active_adapter)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
