@@ -446,8 +446,11 @@ def test_not_a_safetensors_file(tmp_path):
     (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes(b"\x80\x04 definitely a pickle, not safetensors")
     with pytest.raises(ValueError, match="is not a valid safetensors file"):
         SpielModel.from_pretrained(tiny_llama(), tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a spielft adapter folder"):
+    with pytest.raises(FileNotFoundError, match="missing is not a folder, nor a Hugging Face Hub repo id"):
         SpielModel.from_pretrained(tiny_llama(), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a spielft adapter folder"):
+        SpielModel.from_pretrained(tiny_llama(), tmp_path / "empty")
 
 
 def test_interrupted_save_leaves_previous_adapter_readable(tmp_path, monkeypatch):

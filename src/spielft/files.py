@@ -7,6 +7,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# peft's file names: tools that look for an adapter folder find ours.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
 
 def apply_umask_mode(path: str | os.PathLike) -> None:
     """Give a temporary file or folder the mode a plain ``open``/``mkdir`` would have.

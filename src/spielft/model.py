@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import SpielConfig
-from .files import atomic_write
+from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, atomic_write
+from .hub import push_adapter, resolve_adapter_dir
 from .layer import (
     SUPPORTED_LAYERS,
     SparseDelta,
@@ -35,8 +36,6 @@ from .ops import applied_deltas, restore_weight, write_applied
 from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_TYPE = "spielft"
 FORMAT_VERSION = 1
 
@@ -751,10 +750,21 @@ class SpielModel(nn.Module):
         atomic_write(directory / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
 
     def load_adapter(
-        self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+        self,
+        adapter_dir: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> None:
-        """Load a saved adapter under ``adapter_name`` (validated; never unpickled)."""
-        config, state = read_adapter(adapter_dir, self.base_model)
+        """Load a saved adapter (a folder or a Hub repo id) under ``adapter_name``.
+
+        Validated, never unpickled; ``subfolder``/``revision``/``token`` as in peft.
+        """
+        folder = resolve_adapter_dir(adapter_dir, subfolder=subfolder, revision=revision, token=token)
+        config, state = read_adapter(folder, self.base_model)
         self.add_adapter(adapter_name, config, state=state)
         if not is_trainable:
             self.inference_adapters.add(adapter_name)
@@ -767,14 +777,45 @@ class SpielModel(nn.Module):
         adapter_dir: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> SpielModel:
-        """Wrap ``model`` with the adapter saved in ``adapter_dir``."""
-        config, state = read_adapter(adapter_dir, model)
+        """Wrap ``model`` with the adapter saved in ``adapter_dir`` (a folder or a Hub repo id)."""
+        folder = resolve_adapter_dir(adapter_dir, subfolder=subfolder, revision=revision, token=token)
+        config, state = read_adapter(folder, model)
         spiel = cls(model, config, adapter_name, state=state)
         if not is_trainable:
             spiel.inference_adapters.add(adapter_name)
             spiel._mark_trainable()
         return spiel
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        adapter_name: str | None = None,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Upload what `save_pretrained` writes (every adapter, or the ones chosen) to
+        ``repo_id`` on the Hugging Face Hub, creating the repo if needed; the commit info."""
+        return push_adapter(
+            lambda folder: self.save_pretrained(
+                folder, adapter_name=adapter_name, selected_adapters=selected_adapters
+            ),
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def _num_params(param: Tensor) -> int:

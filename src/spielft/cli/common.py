@@ -17,6 +17,7 @@ from ..data import HELD_OUT_SPLITS, load_records
 from ..default_model import load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
 from ..files import apply_umask_mode, atomic_write
+from ..hub import resolve_adapter_dir
 from ..model import ADAPTER_CONFIG_NAME, SpielModel
 
 DEMO = "demo"
@@ -29,7 +30,7 @@ def add_model_arguments(parser, *, adapter: bool = True) -> None:
                              "SmolLM2-135M-Instruct)")
     if adapter:
         parser.add_argument("--adapter", default=None,
-                            help="adapter folder to apply (spielft or peft LoRA)")
+                            help="adapter to apply (spielft or peft LoRA): a folder or a Hub repo id")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="load the base model quantized with bitsandbytes")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -53,19 +54,20 @@ def load_model(model: str | None, dtype_name: str = "float32", quantize: str | N
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: str | None) -> torch.nn.Module:
-    """Wrap ``model`` with a saved spielft or peft adapter (for evaluation or generation)."""
+    """Wrap ``model`` with a saved spielft or peft adapter, from a folder or a Hub repo id."""
     if adapter_dir is None:
         return model
-    config_path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    folder = resolve_adapter_dir(adapter_dir)
+    config_path = folder / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG_NAME}: not an adapter folder")
     config = json.loads(config_path.read_text())
     if config.get("adapter_type") == "spielft":
-        return SpielModel.from_pretrained(model, adapter_dir)
+        return SpielModel.from_pretrained(model, folder)
     if "peft_type" in config:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, adapter_dir)
+        return PeftModel.from_pretrained(model, str(folder))
     raise ValueError(f"{config_path} is neither a spielft nor a peft adapter config")
 
 

@@ -1,0 +1,86 @@
+"""The Hugging Face Hub, as peft uses it: adapters load from a repo id and push to one.
+
+Only the two adapter files travel (``adapter_config.json``, ``adapter_model.safetensors``);
+loading still goes through `spielft.model.read_adapter`'s validation, never a pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+
+def resolve_adapter_dir(
+    adapter: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """A local adapter folder, or the folder a Hub repo id's adapter files download to.
+
+    As in peft, an existing local path wins; anything else that is a valid repo id
+    (``user/name``) is fetched (the HF cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply).
+    """
+    local = Path(adapter) / (subfolder or "")
+    if local.is_dir() or Path(adapter).exists():
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(adapter))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{adapter} is not a folder, nor a Hugging Face Hub repo id (user/name)"
+        ) from None
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        folder = snapshot_download(
+            str(adapter),
+            revision=revision,
+            token=token,
+            allow_patterns=[prefix + ADAPTER_CONFIG_NAME, prefix + ADAPTER_WEIGHTS_NAME],
+        )
+    except Exception as err:  # network, auth, missing repo or revision: say which adapter
+        raise FileNotFoundError(
+            f"{adapter} is not a local folder, and fetching it from the Hugging Face Hub "
+            f"failed ({type(err).__name__}: {err})"
+        ) from err
+    return Path(folder) / (subfolder or "")
+
+
+def push_adapter(
+    save: Callable[[Path], None],
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> Any:
+    """Create ``repo_id`` if needed and upload what ``save(folder)`` writes; the commit info.
+
+    ``save`` writes into a temporary folder, so nothing is uploaded unless the whole adapter
+    was saved.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="spielft-push-") as tmp:
+        save(Path(tmp))
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=tmp,
+            commit_message=commit_message or "Upload spielft adapter",
+            revision=revision,
+            create_pr=create_pr,
+        )

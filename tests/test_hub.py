@@ -1,0 +1,122 @@
+"""Hub round trips against a local stand-in for huggingface_hub (this machine is offline).
+
+They check spielft's side: which files travel, that loading validates them as from a folder,
+subfolders, and the errors; not huggingface_hub itself.
+"""
+
+import fnmatch
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import torch
+
+from spielft import SpielConfig, SpielModel, get_spiel_model
+from spielft.cli.common import apply_adapter
+from spielft.files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from tiny_models import tiny_llama
+
+IDS = torch.arange(24).view(2, 12) % 64
+
+
+class FakeHub:
+    """Repos are folders under ``root``; downloads copy the allowed files into a cache."""
+
+    def __init__(self, root: Path):
+        self.root, self.downloads, self.commits = root, [], []
+
+    def api(self, token=None):
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, private=None, exist_ok=False):
+                (hub.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+                return SimpleNamespace(repo_id=repo_id)
+
+            def upload_folder(self, repo_id, folder_path, **kwargs):
+                shutil.copytree(folder_path, hub.root / repo_id, dirs_exist_ok=True)
+                hub.commits.append((repo_id, kwargs))
+                return SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/1")
+
+        return Api()
+
+    def snapshot_download(self, repo_id, revision=None, token=None, allow_patterns=None):
+        self.downloads.append((repo_id, revision, tuple(allow_patterns)))
+        repo = self.root / repo_id
+        if not repo.is_dir():
+            raise huggingface_hub.errors.LocalEntryNotFoundError(f"no repo {repo_id}")
+        cache = self.root.parent / "cache" / repo_id
+        for path in repo.rglob("*"):
+            rel = path.relative_to(repo).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, cache / rel)
+        return str(cache)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake.api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    return fake
+
+
+def trained(seed=1, adapter=None, model=None):
+    model = model or get_spiel_model(tiny_llama(), SpielConfig(density=0.05))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in model.sparse_deltas(adapter).values():
+            delta.values.copy_(torch.randn(delta.values.shape, generator=gen) * 0.05)
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_push_then_load_by_repo_id(hub):
+    model = trained()
+    model.add_adapter("task", SpielConfig(density=0.02, seed=3))
+    trained(seed=2, adapter="task", model=model)
+    info = model.push_to_hub("me/sparse", commit_message="first")
+    assert info.commit_url.endswith("/commit/1") and hub.commits[0][1]["commit_message"] == "first"
+    assert (hub.root / "me/sparse" / ADAPTER_WEIGHTS_NAME).is_file()  # as save_pretrained lays out
+    assert (hub.root / "me/sparse/task" / ADAPTER_WEIGHTS_NAME).is_file()
+
+    loaded = SpielModel.from_pretrained(tiny_llama(), "me/sparse", revision="v1")
+    assert hub.downloads[-1] == ("me/sparse", "v1", (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
+    assert torch.equal(logits(loaded), logits(model))
+    loaded.load_adapter("me/sparse", "task", subfolder="task")
+    assert hub.downloads[-1][2] == (f"task/{ADAPTER_CONFIG_NAME}", f"task/{ADAPTER_WEIGHTS_NAME}")
+    loaded.set_adapter("task")
+    model.set_adapter("task")
+    assert torch.equal(logits(loaded), logits(model))
+    # The CLI's --adapter takes a repo id too.
+    from_cli = apply_adapter(tiny_llama(), "me/sparse")
+    model.set_adapter("default")
+    assert torch.equal(logits(from_cli), logits(model))
+
+
+def test_a_local_folder_wins_over_the_hub(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained().save_pretrained("me/sparse")  # a relative path that is also a valid repo id
+    SpielModel.from_pretrained(tiny_llama(), "me/sparse")
+    assert hub.downloads == []
+
+
+def test_hub_errors_name_the_adapter(hub):
+    with pytest.raises(FileNotFoundError, match=r"me/missing is not a local folder.*LocalEntryNotFoundError: no repo me/missing"):
+        SpielModel.from_pretrained(tiny_llama(), "me/missing")
+    with pytest.raises(FileNotFoundError, match="not a folder, nor a Hugging Face Hub repo id"):
+        SpielModel.from_pretrained(tiny_llama(), "/no/such/adapter/folder")
+    assert [d[0] for d in hub.downloads] == ["me/missing"]
+
+
+def test_a_failed_save_uploads_nothing(hub):
+    with pytest.raises(ValueError, match="unknown adapter"):
+        trained().push_to_hub("me/sparse", adapter_name="nope")
+    assert hub.commits == [] and not (hub.root / "me/sparse").exists()
