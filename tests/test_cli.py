@@ -7,6 +7,7 @@ import stat
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -57,6 +58,21 @@ def test_train_writes_adapter_metrics_and_pictures(tmp_path, tiny_model_dir, tin
     if method.startswith("spiel"):
         saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert metrics["trainable_params"] == sum(m["num_deltas"] for m in saved["modules"].values())
+
+
+def test_keep_deltas_applied_trains_the_same_adapter(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    from spielft import SpielModel
+
+    blocks = []
+    opened = SpielModel.applied_deltas
+    monkeypatch.setattr(SpielModel, "applied_deltas", lambda self: blocks.append(1) or opened(self))
+    plain = _train(tmp_path / "plain", tiny_model_dir, tiny_data, "--method", "spiel-ma", "--no-generate")
+    assert blocks == []
+    applied = _train(tmp_path / "applied", tiny_model_dir, tiny_data, "--method", "spiel-ma", "--no-generate",
+                     "--keep-deltas-applied")
+    assert blocks == [1]  # training ran inside one block
+    a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (plain, applied))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data, capsys):
@@ -316,6 +332,7 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--first-reselection-step", "0"], "SpielConfig.first_reselection_step"),
     (["--match-lora-rank", "0"], "--match-lora-rank must be a positive integer"),
     (["--method", "lora", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
+    (["--method", "lora", "--keep-deltas-applied"], "--keep-deltas-applied is for spiel-ag/spiel-ma"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--eval-examples", "0"], "--eval-examples must be at least 1"),

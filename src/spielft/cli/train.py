@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SpIEL: dtype of the GEMM behind the weight gradient (auto: bfloat16 for a bf16 "
                              "model, else float32; bfloat16 on a float32 model: that GEMM 2x faster on "
                              "some CPUs, slower on others; spielft warns where it measures no gain)")
+    method.add_argument("--keep-deltas-applied", action="store_true",
+                        help="SpIEL: keep the deltas written into the base weights while training "
+                             "(faster steps at high density, 8 more bytes per delta; the same results)")
     method.add_argument("--target-modules", nargs="*", default=None,
                         help="module-name suffixes, e.g. q_proj v_proj (default, or all-linear: every "
                              "linear layer but the output head)")
@@ -206,6 +209,8 @@ def validate_args(args) -> Any:
     if args.extractor is not None:
         get_extractor(args.extractor)  # an unknown one fails now, not after the generations
     targets = target_modules(args)
+    if args.keep_deltas_applied and not args.method.startswith("spiel"):
+        raise ValueError(f"--keep-deltas-applied is for spiel-ag/spiel-ma, not --method {args.method}")
     if args.method.startswith("spiel"):
         if args.match_lora_rank is not None and args.match_lora_rank < 1:
             raise ValueError(f"--match-lora-rank must be a positive integer, got {args.match_lora_rank}")
@@ -297,9 +302,12 @@ def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Tr
     )
     if args.gradient_checkpointing:  # non-reentrant: the same gradients, inputs need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cls = SpielTrainer if isinstance(model, SpielModel) else Trainer
-    trainer = cls(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+    common = dict(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                   data_collator=CausalLMCollator.from_tokenizer(tokenizer), processing_class=tokenizer)
+    if isinstance(model, SpielModel):
+        trainer = SpielTrainer(**common, keep_deltas_applied=args.keep_deltas_applied)
+    else:
+        trainer = Trainer(**common)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
     return trainer
