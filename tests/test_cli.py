@@ -333,6 +333,7 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--match-lora-rank", "0"], "--match-lora-rank must be a positive integer"),
     (["--method", "lora", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
     (["--method", "lora", "--keep-deltas-applied"], "--keep-deltas-applied is for spiel-ag/spiel-ma"),
+    (["--keep-deltas-applied", "--quantize", "nf4"], "--keep-deltas-applied does nothing on a quantized base"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--eval-examples", "0"], "--eval-examples must be at least 1"),

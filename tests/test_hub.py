@@ -26,6 +26,7 @@ class FakeHub:
 
     def __init__(self, root: Path):
         self.root, self.downloads, self.commits = root, [], []
+        self.repos, self.branches = [], []
 
     def api(self, token=None):
         hub = self
@@ -33,7 +34,11 @@ class FakeHub:
         class Api:
             def create_repo(self, repo_id, private=None, exist_ok=False):
                 (hub.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+                hub.repos.append((repo_id, private, token))
                 return SimpleNamespace(repo_id=repo_id)
+
+            def create_branch(self, repo_id, branch, exist_ok=False):
+                hub.branches.append((repo_id, branch))
 
             def upload_folder(self, repo_id, folder_path, **kwargs):
                 shutil.copytree(folder_path, hub.root / repo_id, dirs_exist_ok=True)
@@ -99,6 +104,23 @@ def test_push_then_load_by_repo_id(hub):
     from_cli = apply_adapter(tiny_llama(), "me/sparse")
     model.set_adapter("default")
     assert torch.equal(logits(from_cli), logits(model))
+
+
+def test_push_options_reach_the_hub_with_a_model_card(hub):
+    trained().push_to_hub("me/sparse", private=True, token="tok", revision="dev", create_pr=True)
+    assert hub.repos == [("me/sparse", True, "tok")] and hub.branches == [("me/sparse", "dev")]
+    assert hub.commits[0][1]["revision"] == "dev" and hub.commits[0][1]["create_pr"] is True
+    card = (hub.root / "me/sparse" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: spielft\n") and 'from_pretrained(base_model, "me/sparse")' in card
+
+
+def test_a_repo_without_a_top_level_adapter_says_to_pass_subfolder(hub):
+    model = trained()
+    model.add_adapter("task", SpielConfig(density=0.02, seed=3))
+    model.push_to_hub("me/tasks", selected_adapters=["task"])
+    with pytest.raises(FileNotFoundError, match=r"me/tasks \(revision main\) has no adapter_model.*subfolder="):
+        SpielModel.from_pretrained(tiny_llama(), "me/tasks")
+    SpielModel.from_pretrained(tiny_llama(), "me/tasks", subfolder="task")
 
 
 def test_a_local_folder_wins_over_the_hub(hub, tmp_path, monkeypatch):

@@ -322,6 +322,15 @@ def test_save_selected_adapters_and_options(tmp_path):
     assert not (tmp_path / "pickle").exists() and not (tmp_path / "both").exists()
 
 
+@pytest.mark.parametrize("name", ["", " ", "a/b", "../up", "/abs", "a.b", "a\\b", 3])
+def test_adapter_names_must_be_plain_names(tmp_path, name):
+    model = trained()
+    with pytest.raises(ValueError, match="is not a plain name"):
+        model.add_adapter(name, SpielConfig(density=0.05))
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+
+
 def test_loading_a_folder_of_named_adapters_points_to_the_subfolder(tmp_path):
     model = SpielModel.from_pretrained(tiny_llama(), _saved_folder(tmp_path / "one"), adapter_name="a")
     model.save_pretrained(tmp_path / "out")  # "a" is not "default": peft puts it in out/a

@@ -374,10 +374,14 @@ def test_a_checkpoint_pushed_to_the_hub_holds_the_selector_state(tmp_path, monke
     trainer.train()
     pushed = dict(hub.uploads)["last-checkpoint"]
     assert {SELECTOR_STATE_NAME, SELECTOR_TENSORS_NAME, ADAPTER_WEIGHTS_NAME} <= set(pushed)
+    assert ADAPTER_WEIGHTS_NAME in dict(hub.uploads)[None]  # the repo's top level, peft or not
     checkpoint = tmp_path / f"checkpoint-{SAVE_AT}"
     assert writes == [str(checkpoint)]  # once: on_save found it already written
     state = json.loads((checkpoint / SELECTOR_STATE_NAME).read_text())
     assert state["state"]["step_count"] == SAVE_AT
+    # A second train() builds a new selector: its state is written again, not taken as done.
+    trainer.train()
+    assert writes == [str(checkpoint)] * 2
 
 
 def test_resume_keeps_float32_optimizer_state_for_bf16_deltas(tmp_path):

@@ -53,7 +53,37 @@ def resolve_adapter_dir(
             f"{adapter} is not a local folder, and fetching it from the Hugging Face Hub "
             f"failed ({type(err).__name__}: {err})"
         ) from err
-    return Path(folder) / (subfolder or "")
+    fetched = Path(folder) / (subfolder or "")
+    if not (fetched / ADAPTER_WEIGHTS_NAME).is_file():
+        where = f"{adapter}" + (f", subfolder {subfolder!r}" if subfolder else "")
+        raise FileNotFoundError(
+            f"the Hub repo {where} (revision {revision or 'main'}) has no {ADAPTER_WEIGHTS_NAME}"
+            + ("" if subfolder else "; adapters other than 'default' are in subfolders: pass subfolder=")
+        )
+    return fetched
+
+
+def model_card(repo_id: str, base_model: str | None) -> str:
+    """A minimal README.md: the Hub files the repo under spielft and links its base model."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if base_model is not None:
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError:
+            base_model = None  # a local path: not a Hub model to link
+        else:
+            base_model = None if Path(base_model).exists() else base_model
+    header = ["---", "library_name: spielft"]
+    header += [f"base_model: {base_model}"] if base_model else []
+    header += ["tags:", "- spielft", "- sparse-fine-tuning", "---", ""]
+    load = f'SpielModel.from_pretrained(base_model, "{repo_id}")'
+    return "\n".join(header) + (
+        f"\n# {repo_id}\n\nA SpIEL sparse-delta adapter made with spielft"
+        + (f" for [{base_model}](https://huggingface.co/{base_model})" if base_model else "")
+        + f".\n\n```python\nfrom spielft import SpielModel\nmodel = {load}\n```\n"
+    )
 
 
 def push_adapter(
@@ -77,6 +107,8 @@ def push_adapter(
     with tempfile.TemporaryDirectory(prefix="spielft-push-") as tmp:
         save(Path(tmp))
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo.repo_id, branch=revision, exist_ok=True)  # as transformers does
         return api.upload_folder(
             repo_id=repo.repo_id,
             folder_path=tmp,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import SpielConfig
 from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, atomic_write
-from .hub import push_adapter, resolve_adapter_dir
+from .hub import model_card, push_adapter, resolve_adapter_dir
 from .layer import (
     SUPPORTED_LAYERS,
     SparseDelta,
@@ -290,6 +290,16 @@ class SpielModel(nn.Module):
         state: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         """Add an adapter: random initial indices, or ``state`` (module -> (indices, values))."""
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name.strip()
+            or any(c in adapter_name for c in "./\\")
+        ):
+            raise ValueError(
+                f"adapter name {adapter_name!r} is not a plain name: it must be a non-empty string "
+                "without '.', '/' or '\\' (it keys the layers' submodules and, when saved, names "
+                "a subfolder)"
+            )
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         if any(adapter_name in layer.spiel_deltas for layer in self.spiel_layers().values()):
@@ -803,12 +813,16 @@ class SpielModel(nn.Module):
         adapter_name: str | None = None,
         selected_adapters: list[str] | None = None,
     ) -> Any:
-        """Upload what `save_pretrained` writes (every adapter, or the ones chosen) to
-        ``repo_id`` on the Hugging Face Hub, creating the repo if needed; the commit info."""
+        """Upload what `save_pretrained` writes (every adapter, or the ones chosen) and a model
+        card to ``repo_id`` on the Hugging Face Hub, creating the repo (and ``revision``'s
+        branch) if needed; the commit info."""
+        def save(folder: Path) -> None:
+            self.save_pretrained(folder, adapter_name=adapter_name, selected_adapters=selected_adapters)
+            base = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+            (folder / "README.md").write_text(model_card(repo_id, base or None))
+
         return push_adapter(
-            lambda folder: self.save_pretrained(
-                folder, adapter_name=adapter_name, selected_adapters=selected_adapters
-            ),
+            save,
             repo_id,
             commit_message=commit_message,
             private=private,

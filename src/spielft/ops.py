@@ -423,8 +423,8 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         grad_dtype: torch.dtype | None = None,
     ) -> Tensor:
         ctx.token = object()  # lets backward find W as this forward left it (applied_deltas)
-        ctx.base_revision = base_revision(weight)
         with weight_with_deltas(weight, indices, values, ctx.token) as w:
+            ctx.base_revision = base_revision(weight)  # under W's lock: no merge in between
             b = None if bias is None else bias.to(x.dtype)
             if transposed:  # exactly Conv1D's own computation
                 x2 = x.reshape(-1, x.shape[-1])
@@ -448,14 +448,14 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if base_revision(ctx.weight) != ctx.base_revision:
-                raise RuntimeError(
-                    f"the base weight of shape {tuple(ctx.weight.shape)} was merged or unmerged "
-                    "between this forward pass and its backward pass, so the input gradient "
-                    "would use another weight than the forward did. Call merge()/unmerge() "
-                    "before the forward pass or after the backward pass."
-                )
             with weight_with_deltas(ctx.weight, indices, values, ctx.token) as w:
+                if base_revision(ctx.weight) != ctx.base_revision:  # checked under W's lock
+                    raise RuntimeError(
+                        f"the base weight of shape {tuple(w.shape)} was merged or unmerged "
+                        "between this forward pass and its backward pass, so the input "
+                        "gradient would use another weight than the forward did. Call "
+                        "merge()/unmerge() before the forward pass or after the backward pass."
+                    )
                 wt = w.to(g2.dtype)
                 grad_x = (g2 @ (wt.T if ctx.transposed else wt)).view(x.shape)
         if ctx.needs_input_grad[1]:

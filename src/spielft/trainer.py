@@ -52,6 +52,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ from transformers.utils import find_labels
 
 from .files import atomic_write
 from .layer import SpielLayer
-from .model import ADAPTER_WEIGHTS_NAME, SpielModel, read_adapter
+from .model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SpielModel, read_adapter
 from .selection import SpielSelector, unwrap_optimizer
 
 try:  # only the name of the file; present in every supported transformers version
@@ -481,6 +482,7 @@ class SpielCallback(TrainerCallback):
     # -- events ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _refuse_data_parallel(args)
+        self._saved = None  # a new selector: nothing of it is written yet
         spiel = self._resolve_model(model)
         raw = unwrap_optimizer(optimizer)
         if raw is None or not hasattr(raw, "reindex"):
@@ -554,10 +556,16 @@ class SpielCallback(TrainerCallback):
     def on_push_begin(self, args, state, control, **kwargs):
         # The Trainer pushes a checkpoint (hub_strategy="checkpoint"/"all_checkpoints") from
         # inside _save_checkpoint, before on_save: write our part first, so the pushed
-        # checkpoint can resume too. Only the main process pushes; the others write in on_save.
+        # checkpoint can resume too. Only the main process pushes: under DDP the other ranks'
+        # selector files come in on_save, after the push, so a DDP checkpoint pushed inside a
+        # statistics window lacks them (`load_selector_state` then says what is missing).
         directory = self._checkpoint_dir(args, state.global_step)
         if os.path.isdir(directory):
             self._save_to(args, directory)
+            # transformers copies the adapter to the pushed top level only when peft is installed.
+            for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+                if os.path.isfile(os.path.join(directory, name)):
+                    shutil.copy(os.path.join(directory, name), os.path.join(args.output_dir, name))
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -211,6 +211,9 @@ def validate_args(args) -> Any:
     targets = target_modules(args)
     if args.keep_deltas_applied and not args.method.startswith("spiel"):
         raise ValueError(f"--keep-deltas-applied is for spiel-ag/spiel-ma, not --method {args.method}")
+    if args.keep_deltas_applied and args.quantize:
+        raise ValueError("--keep-deltas-applied does nothing on a quantized base (its weights are "
+                         "dequantized afresh at every use); drop one of the two")
     if args.method.startswith("spiel"):
         if args.match_lora_rank is not None and args.match_lora_rank < 1:
             raise ValueError(f"--match-lora-rank must be a positive integer, got {args.match_lora_rank}")
