@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -274,6 +275,8 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
+        # Allocator and threading settings change both time and peak RSS: record them.
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_"))},
         "model": args.model if args.model != "synthetic" else f"synthetic-llama-h{args.hidden}-l{args.layers}",
         "batch": [args.batch, args.seq], "rank": args.rank,
     }
