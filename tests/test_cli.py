@@ -112,7 +112,19 @@ def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data
     capsys.readouterr()
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
                  "--prompt", "Say the pair of red.", "--max-new-tokens", "3"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    answer = capsys.readouterr().out.strip()
+    assert answer != ""
+    # Without --model, the base model the adapter records (here the tiny one, not the default).
+    assert main(["generate", "--adapter", str(out / "adapter"),
+                 "--prompt", "Say the pair of red.", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == answer
+    assert f"using the adapter's base model {tiny_model_dir}" in captured.err
+    from spielft import AutoSpielModelForCausalLM
+
+    auto = AutoSpielModelForCausalLM.from_pretrained(out / "adapter")
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=ids).logits, adapted(input_ids=ids).logits)
 
 
 def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, tiny_data):

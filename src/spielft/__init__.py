@@ -2,8 +2,8 @@
 
 The library: `SpielConfig` + `get_spiel_model` wrap any causal LM with sparse-delta layers;
 `create_optimizer` / `create_selector` train them with dynamic drop-and-regrow (AG or MA).
-Trainer integration (`SpielTrainer`, `SpielCallback`) is imported lazily, since it pulls in
-`transformers.Trainer`.
+Trainer integration (`SpielTrainer`, `SpielCallback`) and `AutoSpielModelForCausalLM` are
+imported lazily, since they pull in ``transformers.Trainer`` and the auto classes.
 """
 
 from typing import Any
@@ -28,6 +28,7 @@ from .selection import SpielSelector
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AutoSpielModelForCausalLM": "auto",
     "SpielTrainer": "trainer",
     "SpielTrainerMixin": "trainer",
     "SpielCallback": "trainer",
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "SM3",
+    "AutoSpielModelForCausalLM",
     "SparseAdamW",
     "SparseAdamW8bit",
     "SparseDelta",

@@ -846,10 +846,7 @@ def get_spiel_model(
     return SpielModel(model, config, adapter_name)
 
 
-def read_adapter(
-    adapter_dir: str | os.PathLike, model: nn.Module
-) -> tuple[SpielConfig, dict[str, tuple[Tensor, Tensor]]]:
-    """Read and validate a saved adapter against ``model``; raise a ValueError naming the problem."""
+def _adapter_file(adapter_dir: str | os.PathLike) -> Path:
     path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         nested = sorted(
@@ -864,12 +861,11 @@ def read_adapter(
             else ": not a spielft adapter folder"
         )
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}{hint}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
+    return path
+
+
+def _adapter_metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The weights file's spielft metadata (the authoritative copy of the config), checked."""
     if "spielft" not in header:
         raise ValueError(f"{path} has no spielft metadata: not an adapter saved by spielft")
     try:
@@ -887,6 +883,35 @@ def read_adapter(
             f"{path}: unknown format version {meta.get('format_version')!r} (this spielft reads "
             f"version {FORMAT_VERSION}); upgrade spielft to load it"
         )
+    return meta
+
+
+def _read_header(path: Path, tensors: bool) -> tuple[dict[str, str], dict[str, Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+            loaded = {key: fh.get_tensor(key) for key in fh.keys()} if tensors else {}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
+    return header, loaded
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model a saved adapter records (``base_model_name_or_path``), if any."""
+    path = _adapter_file(adapter_dir)
+    base = _adapter_metadata(path, _read_header(path, tensors=False)[0]).get(
+        "base_model_name_or_path"
+    )
+    return base if isinstance(base, str) and base else None
+
+
+def read_adapter(
+    adapter_dir: str | os.PathLike, model: nn.Module
+) -> tuple[SpielConfig, dict[str, tuple[Tensor, Tensor]]]:
+    """Read and validate a saved adapter against ``model``; raise a ValueError naming the problem."""
+    path = _adapter_file(adapter_dir)
+    header, tensors = _read_header(path, tensors=True)
+    meta = _adapter_metadata(path, header)
     missing = [key for key in ("config", "modules") if key not in meta]
     if missing:
         raise ValueError(f"{path}: the spielft metadata lacks {missing}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,8 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
 def add_model_arguments(parser, *, adapter: bool = True) -> None:
     parser.add_argument("--model", default=None,
-                        help="local Hugging Face folder or .gguf file (default: the embedded "
+                        help="local Hugging Face folder or .gguf file (default: the base model "
+                             "the --adapter records if that folder is here, else the embedded "
                              "SmolLM2-135M-Instruct)")
     if adapter:
         parser.add_argument("--adapter", default=None,
@@ -47,10 +49,27 @@ def quantization_config(kind: str | None, dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
 
 
-def load_model(model: str | None, dtype_name: str = "float32", quantize: str | None = None):
+def load_model(model: str | None, dtype_name: str = "float32", quantize: str | None = None,
+               adapter: str | None = None):
+    """``--model`` (None: the default model), or, when only ``adapter`` is given, the local
+    base model it records, if that folder is here (an adapter trained with ``--model X``)."""
+    if model is None and adapter is not None:
+        model = recorded_local_base(adapter)
+        if model is not None:
+            print(f"--model not given: using the adapter's base model {model}", file=sys.stderr)
     dtype = getattr(torch, dtype_name)
     return load_model_and_tokenizer(model, dtype=dtype,
                                     quantization_config=quantization_config(quantize, dtype))
+
+
+def recorded_local_base(adapter: str) -> str | None:
+    """The base model folder a spielft or peft adapter records, if it exists on this machine."""
+    config_path = resolve_adapter_dir(adapter) / ADAPTER_CONFIG_NAME
+    try:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None  # apply_adapter reports a missing or malformed adapter
+    return base if isinstance(base, str) and base and Path(base).is_dir() else None
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: str | None) -> torch.nn.Module:

@@ -61,7 +61,7 @@ def run(args) -> int:
     get_extractor(extractor)  # an unknown one fails now, not after the generations
     fields = parse_fields(args.fields)
     records = eval_records(args.data, fields, args.max_examples, args.split)
-    model, tokenizer = load_model(args.model, args.dtype, args.quantize)
+    model, tokenizer = load_model(args.model, args.dtype, args.quantize, args.adapter)
     model = apply_adapter(model, args.adapter)
     metrics = evaluate(
         model, tokenizer, records,

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    model, tokenizer = load_model(args.model, args.dtype, args.quantize)
+    model, tokenizer = load_model(args.model, args.dtype, args.quantize, args.adapter)
     model = apply_adapter(model, args.adapter)
     if args.prompt:
         for answer in generate_answers(model, tokenizer, args.prompt, args.max_new_tokens, batch_size=len(args.prompt)):

@@ -8,8 +8,9 @@ HELP = "Merge an adapter into its base model and save a standalone Hugging Face 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="base model: HF folder or .gguf (default: the embedded model)")
-    parser.add_argument("--adapter", required=True, help="adapter folder")
+    parser.add_argument("--model", default=None, help="base model: HF folder or .gguf (default: the base model the adapter "
+                             "records if that folder is here, else the embedded model)")
+    parser.add_argument("--adapter", required=True, help="adapter folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder for the merged model (safetensors)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -17,7 +18,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_output_dir(args.output, args.overwrite)  # before loading anything: fail in seconds
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, adapter=args.adapter)
     merged = apply_adapter(model, args.adapter).merge_and_unload()
     with atomic_output_dir(args.output, args.overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

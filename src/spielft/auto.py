@@ -1,0 +1,53 @@
+"""`AutoSpielModelForCausalLM`: a saved adapter and the base model it records, in one call.
+
+As peft's ``AutoPeftModelForCausalLM``: the adapter names its base model
+(``base_model_name_or_path``, written by `SpielModel.save_pretrained`), transformers loads it,
+and `SpielModel.from_pretrained` puts the adapter on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from .hub import resolve_adapter_dir
+from .model import SpielModel, adapter_base_model
+
+
+class AutoSpielModelForCausalLM:
+    """Load ``adapter`` (a folder or a Hub repo id) onto the causal LM it was trained on."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **model_kwargs: Any,
+    ) -> SpielModel:
+        """``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
+        ``quantization_config``, ``device_map``...); ``revision`` is the adapter's."""
+        folder = resolve_adapter_dir(adapter, subfolder=subfolder, revision=revision, token=token)
+        base = adapter_base_model(folder)
+        if base is None:
+            raise ValueError(
+                f"the adapter {adapter} records no base model: load the base yourself and call "
+                f"SpielModel.from_pretrained(model, {str(adapter)!r})"
+            )
+        if Path(base).is_absolute() and not Path(base).exists():
+            raise FileNotFoundError(
+                f"the adapter {adapter} was trained on {base}, a local folder that is not on this "
+                f"machine: load that model yourself and call SpielModel.from_pretrained(model, "
+                f"{str(adapter)!r})"
+            )
+        if token is not None:
+            model_kwargs.setdefault("token", token)
+        model = AutoModelForCausalLM.from_pretrained(base, **model_kwargs)
+        return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)

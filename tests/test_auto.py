@@ -1,0 +1,51 @@
+"""AutoSpielModelForCausalLM: the adapter's recorded base model, loaded by transformers."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from spielft import AutoSpielModelForCausalLM, SpielConfig, get_spiel_model
+from spielft.files import ADAPTER_WEIGHTS_NAME
+from tiny_models import tiny_llama
+
+IDS = torch.arange(12).view(1, 12)
+
+
+def _adapter_on_saved_base(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = get_spiel_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), SpielConfig(density=0.05))
+    with torch.no_grad():
+        for delta in model.sparse_deltas().values():
+            delta.values.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    return model
+
+
+def test_loads_the_recorded_base_and_the_adapter(tmp_path):
+    model = _adapter_on_saved_base(tmp_path)
+    loaded = AutoSpielModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # inference by default, as peft
+    trainable = AutoSpielModelForCausalLM.from_pretrained(tmp_path / "adapter", is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+
+
+def test_an_adapter_without_a_usable_base_says_what_to_do(tmp_path):
+    # Built from a config: transformers records no name or path.
+    get_spiel_model(tiny_llama(), SpielConfig(density=0.05)).save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"records no base model.*SpielModel\.from_pretrained"):
+        AutoSpielModelForCausalLM.from_pretrained(tmp_path / "bare")
+    # Recorded as a local folder that is not here (trained on another machine).
+    _adapter_on_saved_base(tmp_path)
+    path = tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME
+    with safe_open(str(path), "pt") as fh:
+        meta = json.loads(fh.metadata()["spielft"])
+    meta["base_model_name_or_path"] = str(tmp_path / "elsewhere")
+    save_file(load_file(path), path, metadata={"spielft": json.dumps(meta)})
+    with pytest.raises(FileNotFoundError, match="a local folder that is not on this machine"):
+        AutoSpielModelForCausalLM.from_pretrained(tmp_path / "adapter")
