@@ -4,6 +4,7 @@ import json
 import math
 import os
 import stat
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,6 +74,35 @@ def test_keep_deltas_applied_trains_the_same_adapter(tmp_path, tiny_model_dir, t
     assert blocks == [1]  # training ran inside one block
     a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (plain, applied))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_push_to_hub_uploads_the_adapter_after_training(tmp_path, tiny_model_dir, tiny_data, monkeypatch, capsys):
+    import huggingface_hub
+
+    from fake_hub import FakeHub
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
+    out = _train(tmp_path, tiny_model_dir, tiny_data, "--method", "spiel-ma", "--no-generate",
+                 "--push-to-hub", "me/run")
+    pushed = hub.root / "me/run"
+    assert (pushed / "adapter_model.safetensors").read_bytes() == (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "library_name: spielft" in (pushed / "README.md").read_text()
+    assert hub.commits[0][1]["commit_message"] == "spielft train --method spiel-ma"
+    assert "pushed adapter/ to https://hub/me/run/commit/1" in capsys.readouterr().out
+
+    # A failed upload loses nothing and says how to retry.
+    def refuse(*args, **kwargs):
+        raise PermissionError("403: no write access")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: SimpleNamespace(create_repo=refuse))
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields", "question,answer",
+                 "--output", str(tmp_path / "again"), "--max-steps", "2", "--batch-size", "4", "--val-size", "4",
+                 "--eval-examples", "4", "--no-generate", "--push-to-hub", "me/run"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "403: no write access" in err and f"hf upload me/run {tmp_path / 'again' / 'adapter'}" in err
+    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data, capsys):
@@ -346,6 +376,7 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--method", "lora", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
     (["--method", "lora", "--keep-deltas-applied"], "--keep-deltas-applied is for spiel-ag/spiel-ma"),
     (["--keep-deltas-applied", "--quantize", "nf4"], "--keep-deltas-applied does nothing on a quantized base"),
+    (["--push-to-hub", "not a repo!"], "'not a repo!' is not a Hugging Face Hub repo id"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--eval-examples", "0"], "--eval-examples must be at least 1"),

@@ -31,12 +31,10 @@ def resolve_adapter_dir(
     if local.is_dir() or Path(adapter).exists():
         return local
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
     try:
-        validate_repo_id(str(adapter))
-    except HFValidationError:
+        check_repo_id(str(adapter))
+    except ValueError:
         raise FileNotFoundError(
             f"{adapter} is not a folder, nor a Hugging Face Hub repo id (user/name)"
         ) from None
@@ -65,13 +63,10 @@ def resolve_adapter_dir(
 
 def model_card(repo_id: str, base_model: str | None) -> str:
     """A minimal README.md: the Hub files the repo under spielft and links its base model."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if base_model is not None:
         try:
-            validate_repo_id(base_model)
-        except HFValidationError:
+            check_repo_id(base_model)
+        except ValueError:
             base_model = None  # a local path: not a Hub model to link
         else:
             base_model = None if Path(base_model).exists() else base_model
@@ -86,7 +81,7 @@ def model_card(repo_id: str, base_model: str | None) -> str:
     )
 
 
-def push_adapter(
+def push_saved(
     save: Callable[[Path], None],
     repo_id: str,
     *,
@@ -98,8 +93,8 @@ def push_adapter(
 ) -> Any:
     """Create ``repo_id`` if needed and upload what ``save(folder)`` writes; the commit info.
 
-    ``save`` writes into a temporary folder, so nothing is uploaded unless the whole adapter
-    was saved.
+    ``save`` writes into a temporary folder, so nothing is uploaded unless all of it was
+    written.
     """
     from huggingface_hub import HfApi
 
@@ -112,7 +107,18 @@ def push_adapter(
         return api.upload_folder(
             repo_id=repo.repo_id,
             folder_path=tmp,
-            commit_message=commit_message or "Upload spielft adapter",
+            commit_message=commit_message or "Upload with spielft",
             revision=revision,
             create_pr=create_pr,
         )
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise a ValueError unless ``repo_id`` is a valid Hub repo id (``user/name``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{repo_id!r} is not a Hugging Face Hub repo id (user/name): {err}") from None

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import SpielConfig
 from .files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, atomic_write
-from .hub import model_card, push_adapter, resolve_adapter_dir
+from .hub import model_card, push_saved, resolve_adapter_dir
 from .layer import (
     SUPPORTED_LAYERS,
     SparseDelta,
@@ -821,10 +821,10 @@ class SpielModel(nn.Module):
             base = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
             (folder / "README.md").write_text(model_card(repo_id, base or None))
 
-        return push_adapter(
+        return push_saved(
             save,
             repo_id,
-            commit_message=commit_message,
+            commit_message=commit_message or "Upload spielft adapter",
             private=private,
             token=token,
             revision=revision,

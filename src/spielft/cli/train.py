@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from ..data import (
 from ..demo_data import demo_dataset
 from ..distributed import destroy_process_groups
 from ..evaluation import get_extractor
+from ..hub import check_repo_id, model_card, push_saved
 from ..model import SpielModel, find_target_modules, get_spiel_model
 from ..trainer import SpielTrainer
 from .common import (
@@ -126,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-steps", type=int, default=None, help="held-out loss every N steps (default: 10 evaluations)")
     run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
     run.add_argument("--no-generate", action="store_true", help="skip exact-match generation before/after")
+    run.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                     help="after training, upload the adapter (or the model, with --method full) to this "
+                          "Hugging Face Hub repo (created if needed; HF_TOKEN or a saved login)")
 
 
 # -- the pieces ----------------------------------------------------------------------------------------
@@ -209,6 +214,8 @@ def validate_args(args) -> Any:
     if args.extractor is not None:
         get_extractor(args.extractor)  # an unknown one fails now, not after the generations
     targets = target_modules(args)
+    if args.push_to_hub is not None:
+        check_repo_id(args.push_to_hub)
     if args.keep_deltas_applied and not args.method.startswith("spiel"):
         raise ValueError(f"--keep-deltas-applied is for spiel-ag/spiel-ma, not --method {args.method}")
     if args.keep_deltas_applied and args.quantize:
@@ -458,6 +465,30 @@ def _train(args: argparse.Namespace) -> int:
         pictures += ", delta_distribution.png"
     print(f"wrote {output}/: {'model' if args.method == 'full' else 'adapter'}/, metrics.json, "
           f"predictions.json, {pictures}")
+    if args.push_to_hub is not None:
+        return push_result(model, output / ("model" if args.method == "full" else "adapter"), args)
+    return 0
+
+
+def push_result(model: torch.nn.Module, saved: Path, args) -> int:
+    """Upload the saved adapter (with a model card for spielft's) or model; the exit status.
+
+    Training is done and saved by now: a failed upload says how to retry it, it loses nothing.
+    """
+    def write(folder: Path) -> None:
+        shutil.copytree(saved, folder, dirs_exist_ok=True)
+        if isinstance(model, SpielModel):
+            base = getattr(model.base_model.config, "_name_or_path", None)
+            (folder / "README.md").write_text(model_card(args.push_to_hub, base or None))
+
+    try:
+        info = push_saved(write, args.push_to_hub,
+                          commit_message=f"spielft train --method {args.method}")
+    except Exception as err:  # network, auth, permissions: the run itself is saved
+        print(f"pushing {saved} to the Hub repo {args.push_to_hub} failed ({type(err).__name__}: {err}); "
+              f"the run is saved: retry with `hf upload {args.push_to_hub} {saved}`", file=sys.stderr)
+        return 1
+    print(f"pushed {saved.name}/ to {getattr(info, 'commit_url', args.push_to_hub)}")
     return 0
 
 
