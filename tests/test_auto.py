@@ -49,3 +49,12 @@ def test_an_adapter_without_a_usable_base_says_what_to_do(tmp_path):
     save_file(load_file(path), path, metadata={"spielft": json.dumps(meta)})
     with pytest.raises(FileNotFoundError, match="a local folder that is not on this machine"):
         AutoSpielModelForCausalLM.from_pretrained(tmp_path / "adapter")
+
+
+def test_a_recorded_default_model_cache_folder_maps_to_the_default_model(monkeypatch):
+    import spielft.auto as auto
+
+    monkeypatch.setattr(auto, "default_model_path", lambda: "/here/spielft/SmolLM2-135M-Instruct")
+    assert auto.locate_base_model("/other/home/.cache/spielft/SmolLM2-135M-Instruct", "a") == (
+        "/here/spielft/SmolLM2-135M-Instruct")
+    assert auto.locate_base_model("HuggingFaceTB/SmolLM2-135M", "a") == "HuggingFaceTB/SmolLM2-135M"

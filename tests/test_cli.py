@@ -87,6 +87,9 @@ def test_push_to_hub_uploads_the_adapter_after_training(tmp_path, tiny_model_dir
                  "--push-to-hub", "me/run")
     pushed = hub.root / "me/run"
     assert (pushed / "adapter_model.safetensors").read_bytes() == (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    files = {f.name for f in pushed.iterdir()}
+    assert {"adapter_config.json", "README.md"} <= files and "training_args.bin" in os.listdir(out / "adapter")
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)  # no pickle leaves
     assert "library_name: spielft" in (pushed / "README.md").read_text()
     assert hub.commits[0][1]["commit_message"] == "spielft train --method spiel-ma"
     assert "pushed adapter/ to https://hub/me/run/commit/1" in capsys.readouterr().out
@@ -103,6 +106,14 @@ def test_push_to_hub_uploads_the_adapter_after_training(tmp_path, tiny_model_dir
     err = capsys.readouterr().err
     assert "403: no write access" in err and f"hf upload me/run {tmp_path / 'again' / 'adapter'}" in err
     assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").is_file()
+    # Resuming the finished run trains nothing and retries the upload.
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--fields", "question,answer",
+                 "--output", str(tmp_path / "again"), "--max-steps", "2", "--batch-size", "4", "--val-size", "4",
+                 "--eval-examples", "4", "--no-generate", "--push-to-hub", "me/again", "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert (hub.root / "me/again" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "again" / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
 def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data, capsys):
@@ -157,6 +168,35 @@ def test_config_file_eval_merge_and_generate(tmp_path, tiny_model_dir, tiny_data
         assert torch.equal(auto(input_ids=ids).logits, adapted(input_ids=ids).logits)
 
 
+def test_a_relative_model_path_is_recorded_so_the_adapter_finds_it_from_anywhere(
+        tmp_path, tiny_model_dir, tiny_data, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_model_dir.name, "--data", str(tiny_data), "--fields", "question,answer",
+                 "--output", str(out), "--max-steps", "2", "--batch-size", "4", "--val-size", "4",
+                 "--eval-examples", "4", "--no-generate"]) == 0
+    recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert f"using the adapter's base model {recorded}" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_on_a_model_not_here_falls_back_to_the_default_and_says_so(tmp_path, capsys):
+    from spielft.cli.common import base_for_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for base, expected, note in [("/nowhere/my-model", None, "trained on /nowhere/my-model, which is not a folder"),
+                                 ("/home/u/.cache/spielft/SmolLM2-135M-Instruct", None, ""),
+                                 (str(tmp_path), str(tmp_path), "using the adapter's base model")]:
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        assert base_for_adapter(str(adapter)) == expected
+        err = capsys.readouterr().err
+        assert note in err if note else err == ""
+
+
 def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, tiny_data):
     out = _train(tmp_path, tiny_model_dir, tiny_data)
     assert (out / "checkpoint-6").is_dir()
@@ -179,7 +219,7 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, tiny_model_dir, tiny_da
                  "question,answer", "--output", str(out), "--max-steps", "6", "--batch-size", "4",
                  "--val-size", "4", "--eval-examples", "4", "--no-generate", "--resume"])
     assert code == 0
-    assert "the run is finished, nothing to do" in capsys.readouterr().out
+    assert "the run is finished, nothing to train" in capsys.readouterr().out
     assert (out / "metrics.json").read_bytes() == before
     assert not (out / "checkpoint-7").exists()
 

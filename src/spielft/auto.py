@@ -13,7 +13,8 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
-from .hub import resolve_adapter_dir
+from .default_model import DEFAULT_MODEL_NAME, default_model_path
+from .hub import check_repo_id, resolve_adapter_dir
 from .model import SpielModel, adapter_base_model
 
 
@@ -41,13 +42,26 @@ class AutoSpielModelForCausalLM:
                 f"the adapter {adapter} records no base model: load the base yourself and call "
                 f"SpielModel.from_pretrained(model, {str(adapter)!r})"
             )
-        if Path(base).is_absolute() and not Path(base).exists():
-            raise FileNotFoundError(
-                f"the adapter {adapter} was trained on {base}, a local folder that is not on this "
-                f"machine: load that model yourself and call SpielModel.from_pretrained(model, "
-                f"{str(adapter)!r})"
-            )
+        base = locate_base_model(base, adapter)
         if token is not None:
             model_kwargs.setdefault("token", token)
         model = AutoModelForCausalLM.from_pretrained(base, **model_kwargs)
         return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)
+
+
+def locate_base_model(base: str, adapter: str | os.PathLike) -> str:
+    """Where to load a recorded base model from: its folder if it is here, the embedded
+    default model if that is what it was (a spielft cache folder of that name), else a Hub id."""
+    if Path(base).is_dir():
+        return base
+    if Path(base).name == DEFAULT_MODEL_NAME and Path(base).parent.name == "spielft":
+        return str(default_model_path())  # converted again here from the installed wheel
+    try:
+        check_repo_id(base)
+    except ValueError:
+        raise FileNotFoundError(
+            f"the adapter {adapter} was trained on {base}, a local folder that is not on this "
+            f"machine: load that model yourself and call SpielModel.from_pretrained(model, "
+            f"{str(adapter)!r})"
+        ) from None
+    return base

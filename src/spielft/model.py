@@ -746,9 +746,7 @@ class SpielModel(nn.Module):
         meta = {
             "adapter_type": ADAPTER_TYPE,
             "format_version": FORMAT_VERSION,
-            "base_model_name_or_path": getattr(
-                getattr(self.base_model, "config", None), "_name_or_path", None
-            ),
+            "base_model_name_or_path": self._base_model_name(),
             "config": self.peft_config[adapter_name].to_dict(),
             "modules": modules,
         }
@@ -758,6 +756,13 @@ class SpielModel(nn.Module):
             lambda p: save_file(tensors, p, metadata={"spielft": text}),
         )
         atomic_write(directory / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+
+    def _base_model_name(self) -> str | None:
+        """The base model's Hub id, or its folder as an absolute path (found from anywhere)."""
+        name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+        if not name:
+            return None
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
 
     def load_adapter(
         self,
@@ -818,8 +823,7 @@ class SpielModel(nn.Module):
         branch) if needed; the commit info."""
         def save(folder: Path) -> None:
             self.save_pretrained(folder, adapter_name=adapter_name, selected_adapters=selected_adapters)
-            base = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
-            (folder / "README.md").write_text(model_card(repo_id, base or None))
+            (folder / "README.md").write_text(model_card(repo_id, self._base_model_name()))
 
         return push_saved(
             save,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..data import HELD_OUT_SPLITS, load_records
-from ..default_model import load_model_and_tokenizer
+from ..default_model import DEFAULT_MODEL_NAME, load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
 from ..files import apply_umask_mode, atomic_write
 from ..hub import resolve_adapter_dir
@@ -54,22 +54,28 @@ def load_model(model: str | None, dtype_name: str = "float32", quantize: str | N
     """``--model`` (None: the default model), or, when only ``adapter`` is given, the local
     base model it records, if that folder is here (an adapter trained with ``--model X``)."""
     if model is None and adapter is not None:
-        model = recorded_local_base(adapter)
-        if model is not None:
-            print(f"--model not given: using the adapter's base model {model}", file=sys.stderr)
+        model = base_for_adapter(adapter)
     dtype = getattr(torch, dtype_name)
     return load_model_and_tokenizer(model, dtype=dtype,
                                     quantization_config=quantization_config(quantize, dtype))
 
 
-def recorded_local_base(adapter: str) -> str | None:
-    """The base model folder a spielft or peft adapter records, if it exists on this machine."""
+def base_for_adapter(adapter: str) -> str | None:
+    """The base model folder a spielft or peft adapter records if it is here, else None (the
+    embedded model), saying so when the adapter was trained on another model."""
     config_path = resolve_adapter_dir(adapter) / ADAPTER_CONFIG_NAME
     try:
         base = json.loads(config_path.read_text()).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         return None  # apply_adapter reports a missing or malformed adapter
-    return base if isinstance(base, str) and base and Path(base).is_dir() else None
+    if not isinstance(base, str) or not base or Path(base).name == DEFAULT_MODEL_NAME:
+        return None
+    if Path(base).is_dir():
+        print(f"--model not given: using the adapter's base model {base}", file=sys.stderr)
+        return base
+    print(f"--model not given: the adapter was trained on {base}, which is not a folder on this "
+          f"machine; using the embedded {DEFAULT_MODEL_NAME} (pass --model to choose)", file=sys.stderr)
+    return None
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: str | None) -> torch.nn.Module:

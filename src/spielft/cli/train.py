@@ -37,7 +37,7 @@ from ..demo_data import demo_dataset
 from ..distributed import destroy_process_groups
 from ..evaluation import get_extractor
 from ..hub import check_repo_id, model_card, push_saved
-from ..model import SpielModel, find_target_modules, get_spiel_model
+from ..model import SpielModel, adapter_base_model, find_target_modules, get_spiel_model
 from ..trainer import SpielTrainer
 from .common import (
     DEMO,
@@ -412,7 +412,10 @@ def _train(args: argparse.Namespace) -> int:
     if resumed is not None and resumed[1] >= steps:
         if main_process:
             print(f"--resume: {resumed[0]} is at step {resumed[1]} of {steps}: the run is finished, "
-                  f"nothing to do (raise --max-steps or --epochs to train further)")
+                  f"nothing to train (raise --max-steps or --epochs to train further)")
+            saved = Path(args.output) / ("model" if args.method == "full" else "adapter")
+            if args.push_to_hub is not None and saved.is_dir():  # e.g. retrying a failed push
+                return push_result(saved, args)
         return 0
     evaluation = dict(extractor=args.extractor or default_extractor(args.data),
                       max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.data),
@@ -466,27 +469,32 @@ def _train(args: argparse.Namespace) -> int:
     print(f"wrote {output}/: {'model' if args.method == 'full' else 'adapter'}/, metrics.json, "
           f"predictions.json, {pictures}")
     if args.push_to_hub is not None:
-        return push_result(model, output / ("model" if args.method == "full" else "adapter"), args)
+        return push_result(output / ("model" if args.method == "full" else "adapter"), args)
     return 0
 
 
-def push_result(model: torch.nn.Module, saved: Path, args) -> int:
-    """Upload the saved adapter (with a model card for spielft's) or model; the exit status.
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl")  # never uploaded: a pickle can run code when loaded
+
+
+def push_result(saved: Path, args) -> int:
+    """Upload the saved adapter (spielft's with a model card) or model; the exit status.
 
     Training is done and saved by now: a failed upload says how to retry it, it loses nothing.
+    The Trainer's pickled ``training_args.bin`` stays local.
     """
     def write(folder: Path) -> None:
-        shutil.copytree(saved, folder, dirs_exist_ok=True)
-        if isinstance(model, SpielModel):
-            base = getattr(model.base_model.config, "_name_or_path", None)
-            (folder / "README.md").write_text(model_card(args.push_to_hub, base or None))
+        shutil.copytree(saved, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*PICKLES))
+        if args.method.startswith("spiel"):
+            (folder / "README.md").write_text(model_card(args.push_to_hub, adapter_base_model(saved)))
 
     try:
         info = push_saved(write, args.push_to_hub,
                           commit_message=f"spielft train --method {args.method}")
     except Exception as err:  # network, auth, permissions: the run itself is saved
+        excludes = " ".join(f"--exclude '{p}'" for p in PICKLES)
         print(f"pushing {saved} to the Hub repo {args.push_to_hub} failed ({type(err).__name__}: {err}); "
-              f"the run is saved: retry with `hf upload {args.push_to_hub} {saved}`", file=sys.stderr)
+              f"the run is saved: retry with `hf upload {args.push_to_hub} {saved} {excludes}`",
+              file=sys.stderr)
         return 1
     print(f"pushed {saved.name}/ to {getattr(info, 'commit_url', args.push_to_hub)}")
     return 0
