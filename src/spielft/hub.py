@@ -1,7 +1,8 @@
 """The Hugging Face Hub, as peft uses it: adapters load from a repo id and push to one.
 
-Only the two adapter files travel (``adapter_config.json``, ``adapter_model.safetensors``);
-loading still goes through `spielft.model.read_adapter`'s validation, never a pickle.
+Loading fetches only the two adapter files (``adapter_config.json``,
+``adapter_model.safetensors``) and still goes through `spielft.model.read_adapter`'s
+validation, never a pickle. Pushing uploads what a save callback writes into a temporary folder.
 """
 
 from __future__ import annotations
