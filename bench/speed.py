@@ -1,8 +1,10 @@
 """Step time and memory of SpIEL against the floor, peft LoRA/SHiRA and full fine-tuning.
 
 All methods train the same model on the same random batches, interleaved step by step so that
-the machine's drift hits all of them alike. Each step is forward + backward + optimizer step
-(+ the selector for SpIEL). SpIEL-AG is timed over whole reselection cycles, so its
+the machine's drift hits all of them alike, each in its own worker process (one heap each: in
+one shared process the allocator's state after the other methods' steps changed LoRA's step
+time by a third; ``--one-process`` for the old way). Each step is forward + backward +
+optimizer step (+ the selector for SpIEL). SpIEL-AG is timed over whole reselection cycles, so its
 accumulation windows (dense weight gradients) and updates are included in its average.
 
     python bench/speed.py                         # SmolLM2-135M-Instruct, batch 4 x 256
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -31,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +141,12 @@ class Method:
         self.times.append(elapsed)
         return elapsed
 
+    def summary(self) -> dict[str, Any]:
+        """Leave the method's training context; its step times and training-state figures."""
+        self.context.close()
+        return {"times": self.times, "trainable_params": self.trainable(),
+                "state_bytes_per_param": self.state_bytes_per_param()}
+
     def state_bytes_per_param(self) -> float:
         """Bytes of training state (values, indices, grads, optimizer state) per trainable param."""
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -157,6 +167,61 @@ class Method:
         return total / n
 
 
+class IsolatedMethod:
+    """A `Method` in a process of its own, stepped from this one in the same interleaved order.
+
+    In one process every method's allocations share one heap, and glibc's state after the
+    other methods' steps changes how fast a method's own (de)allocations are: peft LoRA's step
+    moved from 1.6x to 2.1x the floor as more methods shared the process. Here each method has
+    its own heap; the machine's drift still hits all alike, as only one process runs at a time.
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace, budget: int | None, total_steps: int):
+        self.name = name
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_method, daemon=True,
+                                        args=(child, name, args, budget, total_steps))
+        self._process.start()
+        child.close()
+        self._reply()  # built and ready
+        self.times: list[float] = []
+
+    def _reply(self) -> Any:
+        status, value = self._conn.recv()
+        if status == "error":
+            raise RuntimeError(f"{self.name} failed in its worker process:\n{value}")
+        return value
+
+    def step(self, batch: torch.Tensor) -> float:
+        self._conn.send(("step", batch))
+        elapsed = self._reply()
+        self.times.append(elapsed)
+        return elapsed
+
+    def summary(self) -> dict[str, Any]:
+        self._conn.send(("summary", None))
+        summary = self._reply()
+        self._process.join()
+        return summary
+
+
+def _serve_method(conn: Any, name: str, args: argparse.Namespace, budget: int | None,
+                  total_steps: int) -> None:
+    """Worker loop of an `IsolatedMethod`: build the method, then step it on request."""
+    try:
+        method = Method(name, args, budget, total_steps)
+        conn.send(("ok", None))
+        while True:
+            command, batch = conn.recv()
+            if command == "summary":
+                conn.send(("ok", method.summary()))
+                return
+            conn.send(("ok", method.step(batch)))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
 # -- timing ----------------------------------------------------------------------------------------
 
 
@@ -168,7 +233,8 @@ def time_methods(args: argparse.Namespace, density_budget: int | None = None) ->
     del probe
     cycle = 20  # SpielConfig.reselection_steps
     rounds = args.warmup + max(args.steps, cycle)
-    methods = [Method(name, args, budget, total_steps=10 * rounds) for name in args.methods]
+    kind = Method if args.one_process else IsolatedMethod
+    methods = [kind(name, args, budget, total_steps=10 * rounds) for name in args.methods]
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(4)]
     for r in range(rounds):
@@ -178,13 +244,13 @@ def time_methods(args: argparse.Namespace, density_budget: int | None = None) ->
               flush=True)
     out: dict[str, Any] = {"budget": budget, "methods": {}}
     for m in methods:
-        m.context.close()
-        timed = m.times[args.warmup:]
+        summary = m.summary()
+        timed = summary["times"][args.warmup:]
         # AG: mean over a whole cycle (windows and updates included); others: median.
         value = (statistics.fmean(timed[:cycle]) if m.name.startswith("spiel-ag") and len(timed) >= cycle
                  else statistics.median(timed))
-        out["methods"][m.name] = {"step_seconds": value, "trainable_params": m.trainable(),
-                                  "state_bytes_per_param": m.state_bytes_per_param(),
+        out["methods"][m.name] = {"step_seconds": value, "trainable_params": summary["trainable_params"],
+                                  "state_bytes_per_param": summary["state_bytes_per_param"],
                                   "all_step_seconds": timed}
     ref = out["methods"]
     for row in ref.values():
@@ -252,6 +318,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
+    parser.add_argument("--one-process", action="store_true",
+                        help="time every method in this process (the benchmark before 2026-12-01) instead "
+                             "of each in its own worker process, stepped in the same interleaved order")
     parser.add_argument("--memory-only", metavar="RESULT_JSON", default=None,
                         help="only (re)measure peak RSS per method and update that result file")
     parser.add_argument("--memory", choices=CHOICES, help=argparse.SUPPRESS)
@@ -279,6 +348,7 @@ def main() -> None:
         "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_"))},
         "model": args.model if args.model != "synthetic" else f"synthetic-llama-h{args.hidden}-l{args.layers}",
         "batch": [args.batch, args.seq], "rank": args.rank,
+        "processes": "one" if args.one_process else "one per method",
     }
     result["at_lora_budget"] = time_methods(args)
     if not args.no_memory:
