@@ -1,10 +1,10 @@
 """Step time and memory of SpIEL against the floor, peft LoRA/SHiRA and full fine-tuning.
 
 All methods train the same model on the same random batches, interleaved step by step so that
-the machine's drift hits all of them alike, each in its own worker process (one heap each: in
-one shared process the allocator's state after the other methods' steps changed LoRA's step
-time by a third; ``--one-process`` for the old way). Each step is forward + backward +
-optimizer step (+ the selector for SpIEL). SpIEL-AG is timed over whole reselection cycles, so its
+the machine's drift hits all of them alike, each in its own worker process (in one shared
+process LoRA's step time moved by up to 40% against the floor depending on which other methods
+shared it; ``--one-process`` for the old way). Each step is forward + backward + optimizer step
+(+ the selector for SpIEL). SpIEL-AG is timed over whole reselection cycles, so its
 accumulation windows (dense weight gradients) and updates are included in its average.
 
     python bench/speed.py                         # SmolLM2-135M-Instruct, batch 4 x 256
@@ -170,10 +170,10 @@ class Method:
 class IsolatedMethod:
     """A `Method` in a process of its own, stepped from this one in the same interleaved order.
 
-    In one process every method's allocations share one heap, and glibc's state after the
-    other methods' steps changes how fast a method's own (de)allocations are: peft LoRA's step
-    moved from 1.6x to 2.1x the floor as more methods shared the process. Here each method has
-    its own heap; the machine's drift still hits all alike, as only one process runs at a time.
+    In one shared process peft LoRA's step moved between 1.33x and 1.87x the floor from run to
+    run (most with many models in the process; the allocator's shared state is the likeliest
+    cause) while SpIEL's stayed put. Here each method has its own process and heap; the
+    machine's drift still hits all alike, as only one process runs at a time.
     """
 
     def __init__(self, name: str, args: argparse.Namespace, budget: int | None, total_steps: int):
