@@ -56,10 +56,16 @@ def density_plot(results: list[dict], path: Path) -> None:
         main = result["at_lora_budget"]
         xs = [100 * float(d) for d in densities] + [100 * main["budget"] / targeted]
         for method, style in (("floor", "k--"), ("lora", "s-"), ("spiel-ag", "o-"), ("spiel-ma", "^-")):
-            ys = [result["by_density"][d]["methods"][method]["step_seconds"] for d in densities]
-            ys.append(main["methods"][method]["step_seconds"])
-            label = f"{NAMES[method]} ({result['model']})" if len(results) > 1 else NAMES[method]
-            ax.plot(xs, ys, style, label=label)
+            blocks = [result["by_density"][d] for d in densities] + [main]
+            kept = [i for i, block in enumerate(blocks) if method in block["methods"]]
+            if not kept:
+                continue
+            # Runs differ in how the methods shared processes (see bench/speed.py): say which.
+            shared = result.get("processes", "one") == "one"
+            label = (f"{NAMES[method]} ({'one process' if shared else 'a process each'})"
+                     if len(results) > 1 else NAMES[method])
+            ax.plot([xs[i] for i in kept], [blocks[i]["methods"][method]["step_seconds"] for i in kept],
+                    style, label=label, alpha=0.45 if shared else 1.0)
     ax.set_xscale("log")
     ax.set_xlabel("SpIEL density: trainable share of the targeted weights (%)")
     ax.set_ylabel("step time (s)")
