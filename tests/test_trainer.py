@@ -15,6 +15,7 @@ import torch
 import transformers.trainer
 from datasets import Dataset
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, TrainingArguments
 from transformers import logging as hf_logging
 
@@ -382,6 +383,16 @@ def test_a_checkpoint_pushed_to_the_hub_holds_the_selector_state(tmp_path, monke
     # A second train() builds a new selector: its state is written again, not taken as done.
     trainer.train()
     assert writes == [str(checkpoint)] * 2
+    # The final push uploads the model as it is now, not the checkpoint's (transformers calls
+    # on_push_begin, which copies the checkpoint's adapter, before save_model there).
+    with torch.no_grad():
+        for delta in trainer.spiel_model.sparse_deltas().values():
+            delta.values.add_(1.0)
+    monkeypatch.setattr(trainer, "create_model_card", lambda **kwargs: None)
+    trainer.push_to_hub()
+    final = load_file(tmp_path / ADAPTER_WEIGHTS_NAME)
+    for name, delta in trainer.spiel_model.sparse_deltas().items():
+        assert torch.equal(final[f"{name}.values"], delta.values.detach())
 
 
 def test_resume_keeps_float32_optimizer_state_for_bf16_deltas(tmp_path):

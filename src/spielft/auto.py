@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
-from .default_model import DEFAULT_MODEL_NAME, default_model_path
+from .default_model import default_model_path, is_default_model_folder
 from .hub import check_repo_id, resolve_adapter_dir
 from .model import SpielModel, adapter_base_model
 
@@ -54,7 +54,7 @@ def locate_base_model(base: str, adapter: str | os.PathLike) -> str:
     default model if that is what it was (a spielft cache folder of that name), else a Hub id."""
     if Path(base).is_dir():
         return base
-    if Path(base).name == DEFAULT_MODEL_NAME and Path(base).parent.name == "spielft":
+    if is_default_model_folder(base):
         return str(default_model_path())  # converted again here from the installed wheel
     try:
         check_repo_id(base)

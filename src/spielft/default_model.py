@@ -48,6 +48,7 @@ __all__ = [
     "ensure_pad_token",
     "find_default_gguf",
     "gguf_cache_path",
+    "is_default_model_folder",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "resolve_model_path",
@@ -142,6 +143,13 @@ def default_model_path(*, cache_dir: str | os.PathLike[str] | None = None) -> Pa
             provenance={"source_version": source["source_version"]},
         )
     return target
+
+
+def is_default_model_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names the converted default model's cache folder, on any machine (an
+    adapter trained on the default model records that folder as its base)."""
+    path = Path(path)
+    return path.name == DEFAULT_MODEL_NAME and path.parent.name == "spielft"
 
 
 def _installed_version() -> str:

@@ -81,14 +81,14 @@ class _WeightState:
         self.base_revision = 0
 
 
-# Keyed by id(), dropped when the tensor dies.
+# Keyed by id(), dropped when the tensor dies; the guard also covers `_APPLIED` below.
 _WEIGHT_STATES: dict[int, _WeightState] = {}
-_WEIGHT_LOCKS_GUARD = threading.Lock()
+_REGISTRY_GUARD = threading.Lock()
 
 
 def _weight_state(weight: Tensor) -> _WeightState:
     key = id(weight)
-    with _WEIGHT_LOCKS_GUARD:
+    with _REGISTRY_GUARD:
         state = _WEIGHT_STATES.get(key)
         if state is None:
             state = _WEIGHT_STATES[key] = _WeightState()
@@ -218,7 +218,7 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     deltas call) puts W back first. Blocks nest; only the outermost one restores.
     """
     entered = []
-    with _WEIGHT_LOCKS_GUARD:
+    with _REGISTRY_GUARD:
         for weight in weights:
             if _applied_for(weight) is None:
                 _APPLIED[id(weight)] = _AppliedDelta(weight)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..data import HELD_OUT_SPLITS, load_records
-from ..default_model import DEFAULT_MODEL_NAME, load_model_and_tokenizer
+from ..default_model import DEFAULT_MODEL_NAME, is_default_model_folder, load_model_and_tokenizer
 from ..demo_data import DEMO_EXTRACTOR, DEMO_MAX_NEW_TOKENS, demo_dataset
 from ..files import apply_umask_mode, atomic_write
 from ..hub import resolve_adapter_dir
@@ -68,7 +68,7 @@ def base_for_adapter(adapter: str) -> str | None:
         base = json.loads(config_path.read_text()).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         return None  # apply_adapter reports a missing or malformed adapter
-    if not isinstance(base, str) or not base or Path(base).name == DEFAULT_MODEL_NAME:
+    if not isinstance(base, str) or not base or is_default_model_folder(base):
         return None
     if Path(base).is_dir():
         print(f"--model not given: using the adapter's base model {base}", file=sys.stderr)
