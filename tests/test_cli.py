@@ -61,6 +61,14 @@ def test_train_writes_adapter_metrics_and_pictures(tmp_path, tiny_model_dir, tin
         assert metrics["trainable_params"] == sum(m["num_deltas"] for m in saved["modules"].values())
 
 
+@pytest.mark.parametrize("method", ["spiel-ma", "lora"])
+def test_modules_to_save_train_in_full_and_are_saved(tmp_path, tiny_model_dir, tiny_data, method):
+    out = _train(tmp_path, tiny_model_dir, tiny_data, "--method", method, "--modules-to-save", "norm")
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    norm = [t for k, t in tensors.items() if "model.norm" in k and "weight" in k]
+    assert len(norm) == 1 and not torch.equal(norm[0], torch.ones_like(norm[0]))  # it trained
+
+
 def test_keep_deltas_applied_trains_the_same_adapter(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     from spielft import SpielModel
 
@@ -423,6 +431,7 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--extractor", "bogus"], "Unknown answer extractor 'bogus'"),
     (["--eval-data", "held_out.jsonl"], "--eval-data is for --data FILE"),
     (["--val-size", "10"], "--val-size is for --data FILE"),
+    (["--method", "full", "--modules-to-save", "norm"], "--modules-to-save is for spiel-ag/spiel-ma/lora"),
 ])
 def test_bad_method_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, flags, message):
     from spielft.cli import train as recipe
@@ -562,3 +571,16 @@ def test_generate_on_stdin_is_a_multi_turn_chat(tiny_model_dir, monkeypatch, cap
     assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "3",
                  "--prompt", "Say the pair of red."]) == 0
     assert len(calls) == 1 and calls[0][0].count("<|im_start|>") == 2  # the user's turn, the answer's
+
+
+def test_gradient_checkpointing_flag_enables_it_without_deprecated_calls(tiny_tokenizer):
+    import warnings
+
+    from spielft import SpielConfig, get_spiel_model
+    from spielft.cli import train as recipe
+
+    spiel = get_spiel_model(make_tiny_llama(tiny_tokenizer), SpielConfig(density=0.05))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        recipe.enable_checkpointing(spiel)
+    assert spiel.base_model.model.gradient_checkpointing

@@ -299,6 +299,24 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, regrowth):
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
 
 
+def test_resume_restores_a_module_trained_in_full(tmp_path):
+    full_model, full = _train(tmp_path, "ag", modules_to_save=["norm"])
+    resumed_model, resumed = _train(
+        tmp_path / "resumed", "ag", resume=str(tmp_path / f"checkpoint-{SAVE_AT}"),
+        modules_to_save=["norm"],
+    )
+    # The copy's values and its Adam moments (in optimizer.pt) both came back: same training.
+    full_norm, resumed_norm = (
+        m.base_model.get_submodule("model.norm").modules_to_save["default"].weight
+        for m in (full_model, resumed_model)
+    )
+    assert not torch.equal(full_norm, torch.ones_like(full_norm))  # it trained
+    torch.testing.assert_close(resumed_norm, full_norm, rtol=1e-5, atol=1e-6)
+    full_losses, resumed_losses = _losses(full), _losses(resumed)
+    for step in range(SAVE_AT + 1, MAX_STEPS + 1):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
+
+
 def test_checkpoints_hold_adapter_and_selector_state_only(tmp_path):
     model, trainer = _train(tmp_path, "ag")
     checkpoint = tmp_path / f"checkpoint-{SAVE_AT}"

@@ -1,9 +1,10 @@
 """spielft: sparse fine-tuning of large language models (SpIEL).
 
-The library: `SpielConfig` + `get_spiel_model` wrap any causal LM with sparse-delta layers;
-`create_optimizer` / `create_selector` train them with dynamic drop-and-regrow (AG or MA).
-Trainer integration (`SpielTrainer`, `SpielCallback`) and `AutoSpielModelForCausalLM` are
-imported lazily, since they pull in ``transformers.Trainer`` and the auto classes.
+The library: `SpielConfig` + `get_spiel_model` wrap any causal LM (or classifier) with
+sparse-delta layers; `create_optimizer` / `create_selector` train them with dynamic
+drop-and-regrow (AG or MA). Trainer integration (`SpielTrainer`, `SpielCallback`) and the
+``AutoSpielModelFor...`` classes are imported lazily, since they pull in
+``transformers.Trainer`` and the auto classes.
 """
 
 from typing import Any
@@ -21,6 +22,7 @@ from .layer import (
     SpielQuantLinear,
 )
 from .model import SpielModel, get_spiel_model
+from .modules_to_save import ModulesToSaveWrapper
 from .ops import sparse_delta_embedding, sparse_delta_linear
 from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AutoSpielModelForCausalLM": "auto",
+    "AutoSpielModelForSequenceClassification": "auto",
     "SpielTrainer": "trainer",
     "SpielTrainerMixin": "trainer",
     "SpielCallback": "trainer",
@@ -48,6 +51,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "SM3",
     "AutoSpielModelForCausalLM",
+    "AutoSpielModelForSequenceClassification",
+    "ModulesToSaveWrapper",
     "SparseAdamW",
     "SparseAdamW8bit",
     "SparseDelta",

@@ -1,4 +1,5 @@
-"""`AutoSpielModelForCausalLM`: a saved adapter and the base model it records, in one call.
+"""`AutoSpielModelForCausalLM` (and ``...ForSequenceClassification``): a saved adapter and the
+base model it records, in one call.
 
 As peft's ``AutoPeftModelForCausalLM``: the adapter names its base model
 (``base_model_name_or_path``, written by `SpielModel.save_pretrained`), transformers loads it,
@@ -11,15 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .default_model import default_model_path, is_default_model_folder
 from .hub import check_repo_id, resolve_adapter_dir
 from .model import SpielModel, adapter_base_model
 
 
-class AutoSpielModelForCausalLM:
-    """Load ``adapter`` (a folder or a Hub repo id) onto the causal LM it was trained on."""
+class _AutoSpielModel:
+    """Load ``adapter`` (a folder or a Hub repo id) onto the base model it was trained on,
+    built by ``_auto_class`` (a transformers auto class)."""
+
+    _auto_class: Any = None
 
     @classmethod
     def from_pretrained(
@@ -33,8 +37,9 @@ class AutoSpielModelForCausalLM:
         token: str | bool | None = None,
         **model_kwargs: Any,
     ) -> SpielModel:
-        """``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
-        ``quantization_config``, ``device_map``...); ``revision`` is the adapter's."""
+        """``model_kwargs`` go to the auto class's ``from_pretrained`` (``dtype``,
+        ``quantization_config``, ``device_map``, ``num_labels``...); ``revision`` is the
+        adapter's."""
         folder = resolve_adapter_dir(adapter, subfolder=subfolder, revision=revision, token=token)
         base = adapter_base_model(folder)
         if base is None:
@@ -45,8 +50,21 @@ class AutoSpielModelForCausalLM:
         base = locate_base_model(base, adapter)
         if token is not None:
             model_kwargs.setdefault("token", token)
-        model = AutoModelForCausalLM.from_pretrained(base, **model_kwargs)
+        model = cls._auto_class.from_pretrained(base, **model_kwargs)
         return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)
+
+
+class AutoSpielModelForCausalLM(_AutoSpielModel):
+    """Load ``adapter`` (a folder or a Hub repo id) onto the causal LM it was trained on."""
+
+    _auto_class = AutoModelForCausalLM
+
+
+class AutoSpielModelForSequenceClassification(_AutoSpielModel):
+    """Load ``adapter`` onto the sequence classifier it was trained on; pass the
+    ``num_labels`` it was trained with (its head is in the adapter: ``task_type="SEQ_CLS"``)."""
+
+    _auto_class = AutoModelForSequenceClassification
 
 
 def locate_base_model(base: str, adapter: str | os.PathLike) -> str:

@@ -13,6 +13,15 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GRAD_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 ALL_LINEAR = "all-linear"  # peft's keyword: every supported linear layer but the output head
+# peft's task types, and the heads each trains in full (peft's PeftModelFor<Task> classes).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "CAUSAL_LM": (),
+    "SEQ_2_SEQ_LM": (),
+    "FEATURE_EXTRACTION": (),
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -106,6 +115,16 @@ class SpielConfig:
             measures it and warns where it is not faster). ``"float32"``: always
             exact. The forward pass and the gradients flowing to the rest of the model do not
             depend on it.
+        modules_to_save: Modules trained in full next to the deltas, as in peft: a list of
+            module names or name suffixes (``["score"]``). Each gets a trainable copy per
+            adapter, saved in the adapter file; the original stays frozen and comes back
+            under `disable_adapter` and `unload`. For heads a task adds to a pretrained model
+            (a classifier) or a norm worth training whole; a module must not share weights
+            with another (untie first) or hold targeted layers.
+        task_type: peft's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"TOKEN_CLS"``,
+            ``"QUESTION_ANS"``, ...). As in peft, ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add the
+            model's ``classifier``/``score`` head to `modules_to_save`, and ``"QUESTION_ANS"``
+            its ``qa_outputs``: those heads start random and must train.
         seed: Seed of the random initial index sets (identical on every rank).
     """
 
@@ -124,6 +143,8 @@ class SpielConfig:
     ag_seed_optimizer_state: bool = False
     delta_dtype: str = "float32"
     weight_grad_dtype: str = "auto"
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -135,6 +156,10 @@ class SpielConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        if self.task_type is not None and isinstance(getattr(self.task_type, "value", None), str):
+            self.task_type = self.task_type.value  # peft's TaskType enum
         if self.normalize_regrowth_by_input is None:
             self.normalize_regrowth_by_input = self.regrowth == "ma"
         self.validate()
@@ -208,11 +233,29 @@ class SpielConfig:
             raise ValueError(f"SpielConfig.seed must be an integer, got {self.seed!r}.")
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(v, str) and v for v in self.modules_to_save)
+        ):
+            raise ValueError(
+                "SpielConfig.modules_to_save must be a list of module names (or name suffixes) "
+                f"or None, got {self.modules_to_save!r}."
+            )
+        if self.task_type is not None and self.task_type not in TASK_HEADS:
+            raise ValueError(
+                f"SpielConfig.task_type must be one of {sorted(TASK_HEADS)} or None, got "
+                f"{self.task_type!r}."
+            )
 
     @property
     def targets_all_linear(self) -> bool:
         """Whether the default targets apply (every supported linear layer but the head)."""
         return self.target_modules is None or self.target_modules == ALL_LINEAR
+
+    @property
+    def task_heads(self) -> tuple[str, ...]:
+        """The heads `task_type` trains in full (those the model has)."""
+        return TASK_HEADS[self.task_type] if self.task_type else ()
 
     @property
     def torch_delta_dtype(self) -> torch.dtype:

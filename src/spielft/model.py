@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,12 +32,19 @@ from .layer import (
     split_budget,
     wrap_module,
 )
+from .modules_to_save import ModulesToSaveWrapper, check_can_save
 from .ops import applied_deltas, restore_weight, write_applied
 from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
 
 ADAPTER_TYPE = "spielft"
-FORMAT_VERSION = 1
+# Version 2 adds modules trained in full (``modules_to_save``); an adapter without them is
+# still written as version 1, so that older spielft versions keep reading it.
+FORMAT_VERSION = 2
+_SAVED_PREFIX = "modules_to_save/"  # tensor keys: modules_to_save/<module>/<state key>
+# The heads of the classification/QA models transformers builds fresh: warn if they stay frozen.
+_TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
+_TASK_MODEL_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -129,24 +136,46 @@ def _refuse_offloaded(model: nn.Module, name: str, module: nn.Module) -> None:
         )
 
 
-def find_target_modules(model: nn.Module, config: SpielConfig) -> dict[str, nn.Module]:
+def _is_internal(name: str) -> bool:
+    """A module inside one of our wrappers (a base layer, a delta, a saved module's copies)."""
+    return any(
+        part in name for part in (".base_layer", ".spiel_deltas", ".original_module", ".modules_to_save")
+    )
+
+
+def _under(name: str, parents: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in parents)
+
+
+def find_target_modules(
+    model: nn.Module, config: SpielConfig, saved: list[str] | None = None
+) -> dict[str, nn.Module]:
     """The modules ``config`` targets, by full name; a clear error if none or unsupported.
 
     By default (``target_modules=None``) every supported linear layer (``nn.Linear``,
     bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``) except the output
-    head; embeddings only when named. Modules with tied weights are skipped by default and
-    refused when named.
+    head and the modules in ``saved`` (trained in full); embeddings only when named. Modules
+    with tied weights are skipped by default and refused when named, as is a saved module.
     """
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     owners = _weight_owners(model)
+    saved = saved or []
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, SpielLayer):
             module = module.base_layer
-        if ".base_layer" in name or ".spiel_deltas" in name or not name:
+        if _is_internal(name) or not name or isinstance(module, ModulesToSaveWrapper):
             continue
         if not _matches(name, config):
             continue
+        if _under(name, saved):
+            if config.targets_all_linear:
+                continue
+            raise ValueError(
+                f"SpielConfig.target_modules matched {name!r}, which modules_to_save trains in "
+                "full: a module is either targeted or trained in full. Narrow target_modules "
+                "(or exclude_modules it) or modules_to_save."
+            )
         if config.targets_all_linear:  # every supported linear but the head
             layer = wrap_module(module)
             if (
@@ -218,8 +247,10 @@ class SpielModel(nn.Module):
         config: SpielConfig,
         adapter_name: str = "default",
         state: dict[str, tuple[Tensor, Tensor]] | None = None,
+        saved_modules: dict[str, dict[str, Tensor]] | None = None,
     ) -> None:
-        """``state`` (module -> (indices, values)) restores a saved adapter instead of random indices."""
+        """``state`` (module -> (indices, values)) and ``saved_modules`` (module -> state dict)
+        restore a saved adapter instead of random indices and fresh copies."""
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, SpielConfig] = {}
@@ -227,7 +258,7 @@ class SpielModel(nn.Module):
         self.inference_adapters: set[str] = set()  # loaded with is_trainable=False: never trained
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, config, state=state)
+        self.add_adapter(adapter_name, config, state=state, saved_modules=saved_modules)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -250,6 +281,72 @@ class SpielModel(nn.Module):
     # -- layers and adapters -------------------------------------------------------------------
     def spiel_layers(self) -> dict[str, SpielLayer]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpielLayer)}
+
+    def modules_to_save_wrappers(self) -> dict[str, ModulesToSaveWrapper]:
+        """Module name -> the wrapper of a module trained in full (`SpielConfig.modules_to_save`)."""
+        return {
+            n: m for n, m in self.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)
+        }
+
+    def _find_modules_to_save(self, config: SpielConfig) -> list[str]:
+        """Names of the modules ``config`` trains in full (outermost matches), checked."""
+        names = [
+            n for n, _ in self.base_model.named_modules() if n and not _is_internal(n)
+        ]
+        explicit = config.modules_to_save or []
+        unmatched = [p for p in explicit if not any(_name_matches(n, [p]) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"SpielConfig.modules_to_save names {unmatched}, which match no module of "
+                f"{type(self.base_model).__name__} (names look like {names[:3]}); pass module "
+                "names or name suffixes."
+            )
+        heads = config.task_heads
+        found: list[str] = []
+        for name in names:
+            if _under(name, found):
+                continue
+            if _name_matches(name, explicit) or (heads and _name_matches(name, list(heads))):
+                found.append(name)
+        if heads and not any(_name_matches(n, list(heads)) for n in found):
+            raise ValueError(
+                f"SpielConfig.task_type={config.task_type!r} trains the model's head in full, "
+                f"but {type(self.base_model).__name__} has no module named any of {list(heads)}; "
+                "name the head in modules_to_save."
+            )
+        for name in found:
+            module = self.base_model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                check_can_save(self.base_model, name, module)
+        return found
+
+    def _warn_frozen_head(self, saved: list[str]) -> None:
+        """A classification/QA head that transformers initialised randomly must train."""
+        kind = type(self.base_model).__name__
+        if not kind.endswith(_TASK_MODEL_SUFFIXES):
+            return
+        heads = [
+            n for n, _ in self.base_model.named_modules()
+            if n.split(".")[-1] in _TASK_HEAD_NAMES and not _is_internal(n)
+        ]
+        frozen = [h for h in heads if not _under(h, saved)]
+        if frozen:
+            warnings.warn(
+                f"{kind}'s head {frozen} stays frozen (only its sparse deltas, if targeted, "
+                "train), and transformers initialises it randomly for a new task: pass "
+                "task_type='SEQ_CLS' (or 'TOKEN_CLS', 'QUESTION_ANS') or "
+                f"modules_to_save={frozen} to train it in full, as with peft.",
+                stacklevel=4,
+            )
+
+    def _wrap_to_save(self, name: str) -> ModulesToSaveWrapper:
+        module = self.base_model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            return module
+        _refuse_offloaded(self.base_model, name, module)
+        wrapper = ModulesToSaveWrapper(module)
+        self._set_module(name, wrapper)
+        return wrapper
 
     def sparse_deltas(self, adapter_name: str | None = None) -> dict[str, SparseDelta]:
         """Module name -> that module's delta for ``adapter_name`` (default: the active one)."""
@@ -288,8 +385,10 @@ class SpielModel(nn.Module):
         adapter_name: str,
         config: SpielConfig,
         state: dict[str, tuple[Tensor, Tensor]] | None = None,
+        saved_modules: dict[str, dict[str, Tensor]] | None = None,
     ) -> None:
-        """Add an adapter: random initial indices, or ``state`` (module -> (indices, values))."""
+        """Add an adapter: random initial indices and fresh copies of the modules to save, or
+        ``state`` (module -> (indices, values)) and ``saved_modules`` (module -> state dict)."""
         if (
             not isinstance(adapter_name, str)
             or not adapter_name.strip()
@@ -309,8 +408,24 @@ class SpielModel(nn.Module):
                 "SpielModel (add_adapter / load_adapter), or start from a fresh base model."
             )
         config.validate()
+        # Everything is checked before the first module is wrapped.
         if state is None:
-            targets = find_target_modules(self.base_model, config)
+            saved = self._find_modules_to_save(config)
+            self._warn_frozen_head(saved)
+        else:
+            saved = list(saved_modules or {})
+            clash = [n for n in state if _under(n, saved)]
+            if clash:
+                raise ValueError(
+                    f"the adapter both trains {clash[0]!r} in full (modules_to_save) and gives "
+                    "it sparse deltas: a module is one or the other."
+                )
+            for name in saved:
+                module = self.base_model.get_submodule(name)
+                if not isinstance(module, ModulesToSaveWrapper):
+                    check_can_save(self.base_model, name, module)
+        if state is None:
+            targets = find_target_modules(self.base_model, config, saved)
             owners = _weight_owners(self.base_model)
             layers = {name: self._wrap(name, owners) for name in targets}
             sizes = [layer.weight_shape[0] * layer.weight_shape[1] for layer in layers.values()]
@@ -349,6 +464,8 @@ class SpielModel(nn.Module):
                 with torch.no_grad():
                     delta.values.copy_(values)
                 layer.add_delta(adapter_name, delta)
+        for name in saved:
+            self._wrap_to_save(name).add_copy(adapter_name, (saved_modules or {}).get(name))
         self.peft_config[adapter_name] = config
         self._mark_trainable()
         if config.weight_grad_dtype == "bfloat16" and any(
@@ -369,10 +486,20 @@ class SpielModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
             raise ValueError(f"unknown adapter(s) {missing}; available: {list(self.peft_config)}")
+        wrappers = self.modules_to_save_wrappers()
+        for name, wrapper in wrappers.items():
+            owners = [n for n in names if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each train their own copy of {name!r} "
+                    "(modules_to_save), and only one copy can run: activate at most one of them."
+                )
         self._unmerge_before("set_adapter")
         self.active_adapters = names
         for layer in self.spiel_layers().values():
             layer.set_adapter(names)
+        for wrapper in wrappers.values():
+            wrapper.set_adapter(names)
         self._mark_trainable()
 
     def _unmerge_before(self, action: str) -> None:
@@ -388,6 +515,11 @@ class SpielModel(nn.Module):
             )
         for layer in self.spiel_layers().values():
             layer.delete_delta(adapter_name)
+        for name, wrapper in self.modules_to_save_wrappers().items():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.delete_copy(adapter_name)
+            if not wrapper.modules_to_save:  # no adapter trains it any more
+                self._set_module(name, wrapper.original_module)
         del self.peft_config[adapter_name]
         self.inference_adapters.discard(adapter_name)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -402,12 +534,16 @@ class SpielModel(nn.Module):
         for layer in self.spiel_layers().values():
             for name, delta in layer.spiel_deltas.items():
                 delta.values.requires_grad_(name == trainable)
+        for wrapper in self.modules_to_save_wrappers().values():
+            wrapper.mark_trainable(trainable)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the ``with`` block (merged adapters are unmerged)."""
         self._unmerge_before("disable_adapter")
-        layers = list(self.spiel_layers().values())
+        layers: list[SpielLayer | ModulesToSaveWrapper] = [
+            *self.spiel_layers().values(), *self.modules_to_save_wrappers().values()
+        ]
         previous = [layer.disable_adapters for layer in layers]
         for layer in layers:
             layer.disable_adapters = True
@@ -469,6 +605,16 @@ class SpielModel(nn.Module):
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
             raise ValueError(f"unknown adapter(s) {missing}; available: {list(self.peft_config)}")
+        with_copies = sorted(
+            {a for w in self.modules_to_save_wrappers().values() for a in w.modules_to_save}
+            & set(adapters)
+        )
+        if with_copies:
+            raise ValueError(
+                f"adapters {with_copies} train modules in full (modules_to_save), which have no "
+                "weighted sum that means anything: add_weighted_adapter combines sparse deltas "
+                "only. Combine adapters without modules_to_save."
+            )
         state: dict[str, tuple[Tensor, Tensor]] = {}
         for name, layer in self.spiel_layers().items():
             parts = [
@@ -567,6 +713,14 @@ class SpielModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+        for name, wrapper in self.modules_to_save_wrappers().items():
+            owners = [n for n in names if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each train their own copy of {name!r} "
+                    "(modules_to_save); merge_and_unload can keep only one: pass adapter_names "
+                    "with at most one of them."
+                )
         layers = self.spiel_layers()
         if not dequantize:
             self._refuse_quantized(
@@ -588,7 +742,7 @@ class SpielModel(nn.Module):
         if not dequantize:
             for layer in tqdm(layers.values(), desc="merging", disable=not progressbar):
                 layer.merge(names)
-            return self.unload(keep_merged=True)
+            return self._unload(keep_merged=True, adapter_names=names)
         for name, layer in tqdm(layers.items(), desc="merging", disable=not progressbar):
             if isinstance(layer, SpielQuantLinear):
                 replacement = layer.dequantized_linear(names, dtype)
@@ -600,6 +754,7 @@ class SpielModel(nn.Module):
             layer = wrap_module(module)
             if isinstance(layer, SpielQuantLinear):  # an untargeted quantized layer
                 self._set_module(name, layer.dequantized_linear([], dtype))
+        self._unwrap_modules_to_save(names)
         # The weights are plain floats now: forget the bitsandbytes config, or save_pretrained
         # would write one over unquantized weights (as transformers' own dequantize() does).
         quantizer = getattr(self.base_model, "hf_quantizer", None)
@@ -613,7 +768,22 @@ class SpielModel(nn.Module):
         setattr(parent, child, module)
 
     def unload(self, keep_merged: bool = False) -> nn.Module:
-        """Put the original layers back (unmerging first unless ``keep_merged``)."""
+        """Put the original layers back (unmerging first unless ``keep_merged``).
+
+        As in peft, a module trained in full (`SpielConfig.modules_to_save`) keeps the active
+        adapter's trained copy; the original comes back where no active adapter has one.
+        """
+        return self._unload(keep_merged, self.active_adapters)
+
+    def _unwrap_modules_to_save(self, adapter_names: list[str]) -> None:
+        """Replace each wrapper by the copy of the adapter in ``adapter_names`` that has one
+        (frozen, as the rest of the plain model), else by the original module."""
+        for name, wrapper in self.modules_to_save_wrappers().items():
+            owner = next((n for n in adapter_names if n in wrapper.modules_to_save), None)
+            module = wrapper.original_module if owner is None else wrapper.modules_to_save[owner]
+            self._set_module(name, module.requires_grad_(False))
+
+    def _unload(self, keep_merged: bool, adapter_names: list[str]) -> nn.Module:
         self.restore_base_weights()
         for name, layer in self.spiel_layers().items():
             if not keep_merged:
@@ -621,6 +791,7 @@ class SpielModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             setattr(parent, child, layer.base_layer)
+        self._unwrap_modules_to_save(adapter_names)
         return self.base_model
 
     # -- parameters, optimizer, selector ----------------------------------------------------------
@@ -743,13 +914,22 @@ class SpielModel(nn.Module):
             )
             tensors[f"{name}.values"] = delta.values.detach().cpu().contiguous()
             modules[name] = {"shape": list(delta.shape), "num_deltas": delta.values.numel()}
-        meta = {
+        saved: dict[str, list[str]] = {}
+        for name, wrapper in self.modules_to_save_wrappers().items():
+            if adapter_name in wrapper.modules_to_save:
+                state = wrapper.modules_to_save[adapter_name].state_dict()
+                saved[name] = sorted(state)
+                for key, tensor in state.items():
+                    tensors[f"{_SAVED_PREFIX}{name}/{key}"] = tensor.detach().cpu().contiguous()
+        meta: dict[str, Any] = {
             "adapter_type": ADAPTER_TYPE,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if saved else 1,
             "base_model_name_or_path": self._base_model_name(),
             "config": self.peft_config[adapter_name].to_dict(),
             "modules": modules,
         }
+        if saved:
+            meta["modules_to_save"] = saved
         text = json.dumps(meta, indent=2, sort_keys=True)
         atomic_write(
             directory / ADAPTER_WEIGHTS_NAME,
@@ -779,8 +959,10 @@ class SpielModel(nn.Module):
         Validated, never unpickled; ``subfolder``/``revision``/``token`` as in peft.
         """
         folder = resolve_adapter_dir(adapter_dir, subfolder=subfolder, revision=revision, token=token)
-        config, state = read_adapter(folder, self.base_model)
-        self.add_adapter(adapter_name, config, state=state)
+        saved = read_adapter(folder, self.base_model)
+        self.add_adapter(
+            adapter_name, saved.config, state=saved.deltas, saved_modules=saved.modules_to_save
+        )
         if not is_trainable:
             self.inference_adapters.add(adapter_name)
             self._mark_trainable()
@@ -799,8 +981,11 @@ class SpielModel(nn.Module):
     ) -> SpielModel:
         """Wrap ``model`` with the adapter saved in ``adapter_dir`` (a folder or a Hub repo id)."""
         folder = resolve_adapter_dir(adapter_dir, subfolder=subfolder, revision=revision, token=token)
-        config, state = read_adapter(folder, model)
-        spiel = cls(model, config, adapter_name, state=state)
+        saved = read_adapter(folder, model)
+        spiel = cls(
+            model, saved.config, adapter_name, state=saved.deltas,
+            saved_modules=saved.modules_to_save,
+        )
         if not is_trainable:
             spiel.inference_adapters.add(adapter_name)
             spiel._mark_trainable()
@@ -882,7 +1067,7 @@ def _adapter_metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
         raise ValueError(
             f"{path}: adapter type {meta.get('adapter_type')!r} is not {ADAPTER_TYPE!r}"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise ValueError(
             f"{path}: unknown format version {meta.get('format_version')!r} (this spielft reads "
             f"version {FORMAT_VERSION}); upgrade spielft to load it"
@@ -909,9 +1094,59 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
-def read_adapter(
-    adapter_dir: str | os.PathLike, model: nn.Module
-) -> tuple[SpielConfig, dict[str, tuple[Tensor, Tensor]]]:
+class SavedAdapter(NamedTuple):
+    """A saved adapter, read and validated: its config, its deltas (module -> (sorted indices,
+    values)) and the state dicts of the modules it trains in full (module -> state dict)."""
+
+    config: SpielConfig
+    deltas: dict[str, tuple[Tensor, Tensor]]
+    modules_to_save: dict[str, dict[str, Tensor]]
+
+
+def _read_modules_to_save(
+    path: Path, meta: dict[str, Any], tensors: dict[str, Tensor], model: nn.Module
+) -> dict[str, dict[str, Tensor]]:
+    """The saved modules' state dicts, each checked against the module of ``model``."""
+    listed = meta.get("modules_to_save", {})
+    if not isinstance(listed, dict) or not all(
+        isinstance(keys, list) and all(isinstance(k, str) for k in keys) for keys in listed.values()
+    ):
+        raise ValueError(
+            f"{path}: 'modules_to_save' in the spielft metadata must map module names to lists "
+            f"of state keys, got {listed!r}"
+        )
+    modules = dict(model.named_modules())
+    result: dict[str, dict[str, Tensor]] = {}
+    for name, keys in listed.items():
+        where = f"{path}, module to save {name!r}"
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"{where}: the base model has no such module; is this the right base model?")
+        if isinstance(module, (ModulesToSaveWrapper, SpielLayer)):  # what it wraps is checked
+            module = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.base_layer
+        expected = module.state_dict()
+        if sorted(keys) != sorted(expected):
+            raise ValueError(
+                f"{where}: saved with state keys {sorted(keys)}, the base model's module has "
+                f"{sorted(expected)}; is this the right base model?"
+            )
+        state: dict[str, Tensor] = {}
+        for key in keys:
+            tensor = tensors.get(f"{_SAVED_PREFIX}{name}/{key}")
+            if tensor is None:
+                raise ValueError(f"{where}: tensor {key!r} is missing from the file")
+            want = expected[key]
+            if tensor.shape != want.shape or tensor.is_floating_point() != want.is_floating_point():
+                raise ValueError(
+                    f"{where}: {key!r} is {tensor.dtype} {tuple(tensor.shape)}, the base model "
+                    f"has {want.dtype} {tuple(want.shape)}"
+                )
+            state[key] = tensor
+        result[name] = state
+    return result
+
+
+def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> SavedAdapter:
     """Read and validate a saved adapter against ``model``; raise a ValueError naming the problem."""
     path = _adapter_file(adapter_dir)
     header, tensors = _read_header(path, tensors=True)
@@ -983,4 +1218,4 @@ def read_adapter(
         if idx.numel() > 1 and (idx[1:] == idx[:-1]).any():
             raise ValueError(f"{where}: duplicated indices")
         state[name] = (idx, values)
-    return config, state
+    return SavedAdapter(config, state, _read_modules_to_save(path, meta, tensors, model))

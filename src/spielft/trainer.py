@@ -234,16 +234,29 @@ def create_spiel_optimizer_and_scheduler(
 def load_adapter_in_place(
     model: SpielModel, adapter_dir: str | os.PathLike, adapter_name: str | None = None
 ) -> None:
-    """Load a saved adapter's indices and values into ``model``'s existing deltas.
+    """Load a saved adapter's indices and values into ``model``'s existing deltas (and the
+    state of the modules it trains in full into their copies).
 
-    Unlike `SpielModel.load_adapter`, this keeps every `SparseDelta` and ``values`` parameter
-    object, so an optimizer, its (slot-ordered) state and the selector created for them stay
-    valid. The index sets changed during training, so each delta is reassigned to the saved
-    indices; the number of deltas per module must match.
+    Unlike `SpielModel.load_adapter`, this keeps every `SparseDelta`, ``values`` parameter and
+    copied module, so an optimizer, its (slot-ordered) state and the selector created for them
+    stay valid. The index sets changed during training, so each delta is reassigned to the
+    saved indices; the number of deltas per module must match.
     """
     adapter_name = adapter_name or model.active_adapter
-    _, state = read_adapter(adapter_dir, model.base_model)
+    saved = read_adapter(adapter_dir, model.base_model)
+    state = saved.deltas
     deltas = model.sparse_deltas(adapter_name)
+    copies = {
+        name: wrapper.modules_to_save[adapter_name]
+        for name, wrapper in model.modules_to_save_wrappers().items()
+        if adapter_name in wrapper.modules_to_save
+    }
+    if set(saved.modules_to_save) != set(copies):
+        raise ValueError(
+            f"adapter in {adapter_dir} does not match adapter {adapter_name!r}: it trains "
+            f"{sorted(saved.modules_to_save)} in full (modules_to_save), the model "
+            f"{sorted(copies)}"
+        )
     if set(state) != set(deltas):
         missing, extra = sorted(set(deltas) - set(state)), sorted(set(state) - set(deltas))
         raise ValueError(
@@ -263,6 +276,8 @@ def load_adapter_in_place(
             )
         delta.indices = indices.to(device=delta.indices.device, dtype=delta.indices.dtype)
         delta.values.copy_(values.to(device=delta.values.device, dtype=delta.values.dtype))
+    for name, module_state in saved.modules_to_save.items():
+        copies[name].load_state_dict(module_state)  # copies in place: the optimizer's tensors stay
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:

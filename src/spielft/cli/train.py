@@ -109,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--target-modules", nargs="*", default=None,
                         help="module-name suffixes, e.g. q_proj v_proj (default, or all-linear: every "
                              "linear layer but the output head)")
+    method.add_argument("--modules-to-save", nargs="+", default=None, metavar="NAME",
+                        help="spiel-*/lora: modules trained in full next to the adapter and saved "
+                             "with it (names or suffixes, e.g. norm), as peft's modules_to_save")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=None, help="default: 1e-3 (spiel-ag), 5e-3 (spiel-ma, SM3), 5e-4 (lora), 2e-5 (full)")
     optim.add_argument("--weight-decay", type=float, default=0.0)
@@ -174,6 +177,15 @@ def prepare_data(args, tokenizer, records: tuple[list[dict], list[dict]] | None 
     return train_set, eval_set, eval_records, summary
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing, by the name this transformers gives it (it
+    renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` in 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lora_parameter_count(model: torch.nn.Module, rank: int, config: SpielConfig) -> int:
     """LoRA rank ``rank``'s trainable parameters on the modules ``config`` targets."""
     return sum(rank * sum(m.weight.shape) for m in find_target_modules(model, config).values())
@@ -221,6 +233,8 @@ def validate_args(args) -> Any:
     if args.keep_deltas_applied and args.quantize:
         raise ValueError("--keep-deltas-applied does nothing on a quantized base (its weights are "
                          "dequantized afresh at every use); drop one of the two")
+    if args.modules_to_save and args.method == "full":
+        raise ValueError("--modules-to-save is for spiel-ag/spiel-ma/lora: --method full trains every module")
     if args.method.startswith("spiel"):
         if args.match_lora_rank is not None and args.match_lora_rank < 1:
             raise ValueError(f"--match-lora-rank must be a positive integer, got {args.match_lora_rank}")
@@ -235,14 +249,16 @@ def validate_args(args) -> Any:
                            full_first_reselection=args.full_first_reselection,
                            normalize_regrowth_by_input=args.normalize_regrowth_by_input,
                            ag_seed_optimizer_state=args.ag_seed_optimizer_state,
-                           weight_grad_dtype=args.weight_grad_dtype, seed=args.seed)
+                           weight_grad_dtype=args.weight_grad_dtype,
+                           modules_to_save=args.modules_to_save, seed=args.seed)
     if args.method == "lora":
         from peft import LoraConfig
 
         if args.lora_rank < 1:
             raise ValueError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
         return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                          target_modules=targets or "all-linear", task_type="CAUSAL_LM")
+                          target_modules=targets or "all-linear", task_type="CAUSAL_LM",
+                          modules_to_save=args.modules_to_save)
     return None
 
 
@@ -311,7 +327,7 @@ def build_trainer(args, model, tokenizer, train_set, eval_set, steps: int) -> Tr
         label_names=["labels"],
     )
     if args.gradient_checkpointing:  # non-reentrant: the same gradients, inputs need no grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     common = dict(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                   data_collator=CausalLMCollator.from_tokenizer(tokenizer), processing_class=tokenizer)
     if isinstance(model, SpielModel):
