@@ -77,35 +77,49 @@ def density_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _width(result: dict) -> int:
+    return int(result["model"].split("-h")[1].split("-")[0])
+
+
 def width_section(results: list[dict], path: Path) -> str:
-    """Synthetic Llamas of growing width: table and plot of step time relative to the floor."""
-    results = sorted(results, key=lambda r: int(r["model"].split("-h")[1].split("-")[0]))
-    widths = [int(r["model"].split("-h")[1].split("-")[0]) for r in results]
-    lines = [f"`{results[0]['command']}` (for each --hidden), batch {results[0]['batch'][0]} x "
-             f"{results[0]['batch'][1]}, SpIEL at LoRA r={results[0]['rank']}'s count", "",
-             "| hidden | budget | floor (s) | LoRA (s) | SpIEL-AG (s) | SpIEL-MA (s) | MA x floor | MA x LoRA | AG x LoRA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Synthetic Llamas of growing width: a table per harness (one process for all methods, or
+    a process each) and one plot of step time relative to the floor, the harnesses labelled."""
+    harnesses: dict[str, list[dict]] = {}
+    for result in sorted(results, key=_width):
+        harnesses.setdefault(result.get("processes", "one"), []).append(result)
+    tables = []
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for method, style in (("lora", "s-"), ("spiel-ag", "o-"), ("spiel-ma", "^-")):
-        ax.plot(widths, [r["at_lora_budget"]["methods"][method]["ratio_to_floor"] for r in results],
-                style, label=NAMES[method])
-    for width, r in zip(widths, results, strict=True):
-        m = r["at_lora_budget"]["methods"]
-        lines.append(f"| {width} | {r['at_lora_budget']['budget']:,} | {m['floor']['step_seconds']:.2f} | "
-                     f"{m['lora']['step_seconds']:.2f} | {m['spiel-ag']['step_seconds']:.2f} | "
-                     f"{m['spiel-ma']['step_seconds']:.2f} | {m['spiel-ma']['ratio_to_floor']:.2f} | "
-                     f"{m['spiel-ma']['ratio_to_lora']:.2f} | {m['spiel-ag']['ratio_to_lora']:.2f} |")
+    for processes, runs in harnesses.items():
+        shared = processes == "one"
+        widths = [_width(r) for r in runs]
+        harness = "all methods in one process" if shared else "a process per method"
+        lines = [f"`{runs[0]['command']}` (for each --hidden; {harness}), batch {runs[0]['batch'][0]} x "
+                 f"{runs[0]['batch'][1]}, SpIEL at LoRA r={runs[0]['rank']}'s count", "",
+                 "| hidden | budget | floor (s) | LoRA (s) | SpIEL-AG (s) | SpIEL-MA (s) | MA x floor | MA x LoRA | AG x LoRA |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for method, style in (("lora", "s-"), ("spiel-ag", "o-"), ("spiel-ma", "^-")):
+            label = f"{NAMES[method]} ({'one process' if shared else 'a process each'})"
+            ax.plot(widths, [r["at_lora_budget"]["methods"][method]["ratio_to_floor"] for r in runs],
+                    style, label=label if len(harnesses) > 1 else NAMES[method],
+                    alpha=0.45 if shared and len(harnesses) > 1 else 1.0)
+        for width, r in zip(widths, runs, strict=True):
+            m = r["at_lora_budget"]["methods"]
+            lines.append(f"| {width} | {r['at_lora_budget']['budget']:,} | {m['floor']['step_seconds']:.2f} | "
+                         f"{m['lora']['step_seconds']:.2f} | {m['spiel-ag']['step_seconds']:.2f} | "
+                         f"{m['spiel-ma']['step_seconds']:.2f} | {m['spiel-ma']['ratio_to_floor']:.2f} | "
+                         f"{m['spiel-ma']['ratio_to_lora']:.2f} | {m['spiel-ag']['ratio_to_lora']:.2f} |")
+        tables.append("\n".join(lines))
     ax.axhline(1.0, color="k", linestyle="--", label="floor")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("hidden size (synthetic 2-layer Llama)")
     ax.set_ylabel("step time / floor")
     ax.set_title(f"Cost against width (SpIEL at LoRA r={results[0]['rank']}'s count)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return "\n".join(lines)
+    return "\n\n".join(tables)
 
 
 def main() -> None:

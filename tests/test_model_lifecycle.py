@@ -47,7 +47,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
     model = trained()
     model.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
-    assert meta["adapter_type"] == "spielft" and meta["format_version"] == 1
+    assert meta["adapter_type"] == "spielft" and meta["format_version"] == 2
     assert meta["config"]["density"] == 0.05
     assert sum(m["num_deltas"] for m in meta["modules"].values()) == model.get_nb_trainable_parameters()[0]
     tensors = load_file(tmp_path / ADAPTER_WEIGHTS_NAME)

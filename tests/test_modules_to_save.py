@@ -89,9 +89,10 @@ def test_seq_cls_head_trains_as_a_copy_and_the_original_stays(regrowth):
     assert not torch.equal(logits(model), before)
 
 
-def test_classifier_without_its_head_in_modules_to_save_warns():
-    with pytest.warns(UserWarning, match=r"head \['score'\] stays frozen"):
+def test_classifier_without_its_head_in_modules_to_save_warns_at_the_callers_line():
+    with pytest.warns(UserWarning, match=r"head \['score'\] stays frozen") as caught:
         get_spiel_model(classifier(), SpielConfig(density=0.05))
+    assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_spiel_model(classifier(), SpielConfig(density=0.05, modules_to_save=["score"]))
@@ -122,19 +123,56 @@ def test_unmatched_names_and_missing_task_heads_are_refused():
     _refused(tiny_llama(), SpielConfig(task_type="SEQ_CLS"), "has no module named any of")
 
 
-def test_a_module_both_targeted_and_saved_is_refused():
-    _refused(
-        classifier(), SpielConfig(target_modules=["score", "q_proj"], modules_to_save=["score"]),
-        "either targeted or trained in full",
-    )
-    _refused(tiny_llama(), SpielConfig(modules_to_save=["self_attn"], target_modules=["q_proj"]),
-             "either targeted or trained in full")
+def test_targets_inside_a_module_trained_in_full_are_skipped_with_a_warning():
+    # As peft: RoBERTa's head holds a `dense`, which target_modules=["dense", ...] also names.
+    with pytest.warns(UserWarning, match=r"matched \['score'\], inside modules trained in full"):
+        model = get_spiel_model(
+            classifier(), SpielConfig(density=0.05, target_modules=["score", "q_proj"], task_type="SEQ_CLS")
+        )
+    assert "score" not in model.spiel_layers() and len(model.spiel_layers()) == 2
+    with pytest.warns(UserWarning, match="inside modules trained in full"):  # nothing left
+        _refused(tiny_llama(), SpielConfig(modules_to_save=["self_attn"], target_modules=["q_proj"]),
+                 "matched no supported module")
 
 
-def test_tied_weights_are_refused():
+def test_an_offloaded_module_to_save_is_refused_before_anything_is_wrapped():
+    from types import SimpleNamespace
+
+    model = classifier()
+    model.score._hf_hook = SimpleNamespace(offload=True)
+    _refused(model, SpielConfig(density=0.05, task_type="SEQ_CLS"), "offloaded by accelerate")
+    del model.score._hf_hook
+    get_spiel_model(model, SpielConfig(density=0.05, task_type="SEQ_CLS"))  # a retry works
+
+
+def test_tied_weights_and_aliases_are_refused():
     model = tiny_llama(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     _refused(model, SpielConfig(modules_to_save=["lm_head"]), r"shares weights with \['model.embed_tokens'\]")
+    aliased = tiny_llama()
+    aliased.model.extra_norm = aliased.model.norm  # one module, two names
+    _refused(aliased, SpielConfig(modules_to_save=["model.norm"]), r"shares weights with \['model.extra_norm'\]")
+
+
+def test_a_head_trained_untied_loads_onto_the_tied_base_and_merges_untied(tmp_path):
+    """The route the tied-weights error suggests: untie, train the head, load it back."""
+    untied = tiny_llama(tie_word_embeddings=True)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    model = get_spiel_model(untied, SpielConfig(density=0.05, modules_to_save=["lm_head"]))
+    optimizer = model.create_optimizer(lr=1e-2)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+
+    loaded = SpielModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "adapter")
+    assert torch.equal(logits(loaded), expected)  # the copy runs; the embedding is the original
+    with pytest.warns(UserWarning, match="tie_word_embeddings=False"):
+        merged = loaded.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = type(merged).from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
 
 
 def test_a_module_holding_another_adapters_deltas_is_refused():
@@ -163,24 +201,39 @@ def test_save_load_round_trip_and_merge(tmp_path):
     torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-6)
 
 
-def test_auto_class_loads_classifier_and_its_head(tmp_path):
+def test_auto_class_rebuilds_the_classifier_with_its_labels(tmp_path):
+    from transformers import LlamaForCausalLM
+
     from spielft import AutoSpielModelForSequenceClassification
 
-    base = classifier()
-    base.save_pretrained(tmp_path / "base")
+    # A causal-LM checkpoint (2 labels by default), made a 3-label classifier at load time.
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA_SIZES, vocab_size=128)).save_pretrained(tmp_path / "base")
+    labels = {0: "neg", 1: "neutral", 2: "pos"}
     model = get_spiel_model(
-        LlamaForSequenceClassification.from_pretrained(tmp_path / "base"),
+        LlamaForSequenceClassification.from_pretrained(
+            tmp_path / "base", num_labels=3, id2label=labels, pad_token_id=0
+        ),
         SpielConfig(density=0.05, task_type="SEQ_CLS"),
     )
     train(model)
     model.save_pretrained(tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
+    assert meta["task_model_config"]["num_labels"] == 3 and meta["task_model_config"]["pad_token_id"] == 0
     loaded = AutoSpielModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
-    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.config.id2label == labels and loaded.config.pad_token_id == 0
+    assert torch.equal(logits(loaded), logits(model))  # a batch of 4: needs the pad token
 
 
-def test_an_adapter_without_modules_to_save_is_still_format_1(tmp_path):
-    get_spiel_model(tiny_llama(), SpielConfig(density=0.05)).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())["format_version"] == 1
+def test_a_format_1_adapter_still_loads(tmp_path):
+    model = get_spiel_model(tiny_llama(), SpielConfig(density=0.05))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_WEIGHTS_NAME
+    meta = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    meta["format_version"] = 1  # as written before modules_to_save and task_type existed
+    for field in ("modules_to_save", "task_type"):
+        del meta["config"][field]
+    save_file(load_file(path), path, metadata={"spielft": json.dumps(meta)})
+    assert torch.equal(logits(SpielModel.from_pretrained(tiny_llama(), tmp_path)), logits(model))
 
 
 @pytest.mark.parametrize(
@@ -193,6 +246,9 @@ def test_an_adapter_without_modules_to_save_is_still_format_1(tmp_path):
          r"state keys \['bias', 'weight'\]"),
         (lambda t, m: m.__setitem__("modules_to_save", {"head": ["weight"]}), "no such module"),
         (lambda t, m: m.__setitem__("modules_to_save", ["score"]), "must map module names"),
+        (lambda t, m: m.__setitem__("modules_to_save", {"": ["weight"]}), "not a module name"),
+        (lambda t, m: m.__setitem__("modules_to_save", {"score.original_module": ["weight"]}),
+         "not a module name"),
     ],
 )
 def test_bad_saved_modules_are_named_and_nothing_is_loaded(tmp_path, edit, message):
@@ -210,7 +266,7 @@ def test_bad_saved_modules_are_named_and_nothing_is_loaded(tmp_path, edit, messa
 
 
 # -- several adapters ------------------------------------------------------------------------------
-def test_several_adapters_each_with_their_own_copy():
+def test_several_adapters_each_with_their_own_copy(tmp_path):
     model = get_spiel_model(classifier(), SpielConfig(density=0.05, task_type="SEQ_CLS"))
     train(model)
     first = logits(model)
@@ -229,6 +285,13 @@ def test_several_adapters_each_with_their_own_copy():
     with pytest.raises(ValueError, match="activate at most one of them"):
         model.set_adapter(["default", "second"])
     assert model.active_adapters == ["second"]  # unchanged by the refusal
+    deltas_on_head = tmp_path / "deltas_on_head"
+    with pytest.warns(UserWarning, match="stays frozen"):
+        get_spiel_model(classifier(), SpielConfig(density=0.05, target_modules=["score"])).save_pretrained(
+            deltas_on_head
+        )
+    with pytest.raises(ValueError, match="another adapter of this model trains that module in full"):
+        model.load_adapter(deltas_on_head, "deltas")
     with pytest.raises(ValueError, match="combines sparse deltas only"):
         model.add_weighted_adapter(["default", "plain"], [1.0, 1.0], "sum")
     with pytest.raises(ValueError, match="can keep only one"):

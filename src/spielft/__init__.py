@@ -32,6 +32,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "AutoSpielModelForCausalLM": "auto",
     "AutoSpielModelForSequenceClassification": "auto",
+    "AutoSpielModelForTokenClassification": "auto",
+    "AutoSpielModelForQuestionAnswering": "auto",
     "SpielTrainer": "trainer",
     "SpielTrainerMixin": "trainer",
     "SpielCallback": "trainer",
@@ -51,7 +53,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "SM3",
     "AutoSpielModelForCausalLM",
+    "AutoSpielModelForQuestionAnswering",
     "AutoSpielModelForSequenceClassification",
+    "AutoSpielModelForTokenClassification",
     "ModulesToSaveWrapper",
     "SparseAdamW",
     "SparseAdamW8bit",

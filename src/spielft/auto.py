@@ -12,11 +12,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .default_model import default_model_path, is_default_model_folder
 from .hub import check_repo_id, resolve_adapter_dir
-from .model import SpielModel, adapter_base_model
+from .model import SpielModel, adapter_base_model, adapter_task_model_config
 
 
 class _AutoSpielModel:
@@ -24,6 +29,7 @@ class _AutoSpielModel:
     built by ``_auto_class`` (a transformers auto class)."""
 
     _auto_class: Any = None
+    _task_model = False  # a classifier/QA model: the adapter's label settings apply
 
     @classmethod
     def from_pretrained(
@@ -50,6 +56,8 @@ class _AutoSpielModel:
         base = locate_base_model(base, adapter)
         if token is not None:
             model_kwargs.setdefault("token", token)
+        if cls._task_model:  # the labels its head was trained with, unless given
+            model_kwargs = {**adapter_task_model_config(folder), **model_kwargs}
         model = cls._auto_class.from_pretrained(base, **model_kwargs)
         return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)
 
@@ -61,10 +69,26 @@ class AutoSpielModelForCausalLM(_AutoSpielModel):
 
 
 class AutoSpielModelForSequenceClassification(_AutoSpielModel):
-    """Load ``adapter`` onto the sequence classifier it was trained on; pass the
-    ``num_labels`` it was trained with (its head is in the adapter: ``task_type="SEQ_CLS"``)."""
+    """Load ``adapter`` onto the sequence classifier it was trained on: its head is in the
+    adapter (``task_type="SEQ_CLS"``), and its label settings (``num_labels``, ``id2label``,
+    ``pad_token_id``...) are recorded there and applied unless passed."""
 
     _auto_class = AutoModelForSequenceClassification
+    _task_model = True
+
+
+class AutoSpielModelForTokenClassification(_AutoSpielModel):
+    """As `AutoSpielModelForSequenceClassification`, for a token classifier (``"TOKEN_CLS"``)."""
+
+    _auto_class = AutoModelForTokenClassification
+    _task_model = True
+
+
+class AutoSpielModelForQuestionAnswering(_AutoSpielModel):
+    """As `AutoSpielModelForSequenceClassification`, for extractive QA (``"QUESTION_ANS"``)."""
+
+    _auto_class = AutoModelForQuestionAnswering
+    _task_model = True
 
 
 def locate_base_model(base: str, adapter: str | os.PathLike) -> str:

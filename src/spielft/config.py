@@ -98,7 +98,7 @@ class SpielConfig:
             scores stay raw. ``None`` (the default) means on for ``"ma"`` and off for ``"ag"``.
             On GSM8K it gained MA 0.012 of test loss over four seeds. AG gained in the 24-step
             benchmarks at LoRA-sized budgets (0.010 at r=16's count), but lost the 1%-density
-            main job (``spielft train``) on both seeds tried (README, Benchmarks).
+            main job (``spielft train``) on both seeds tried (``bench/README.md``).
         ag_seed_optimizer_state: For ``"ag"``: seed the Adam moments of regrown deltas with the
             mean and square of the mean of their accumulated gradients instead of zeros. Off by
             default: on GSM8K at LoRA r=64's count it cost 0.026 of test loss on both seeds
@@ -116,11 +116,12 @@ class SpielConfig:
             exact. The forward pass and the gradients flowing to the rest of the model do not
             depend on it.
         modules_to_save: Modules trained in full next to the deltas, as in peft: a list of
-            module names or name suffixes (``["score"]``). Each gets a trainable copy per
-            adapter, saved in the adapter file; the original stays frozen and comes back
-            under `disable_adapter` and `unload`. For heads a task adds to a pretrained model
-            (a classifier) or a norm worth training whole; a module must not share weights
-            with another (untie first) or hold targeted layers.
+            module names or dotted name suffixes (``["score"]``; ``"norm"`` is ``model.norm``,
+            not ``input_layernorm`` as peft's plain string suffix would also take). Each gets a
+            trainable copy per adapter, in the module's own dtype, saved in the adapter file;
+            the original stays frozen and runs under `disable_adapter`. For heads a task adds
+            to a pretrained model (a classifier) or a norm worth training whole; a module must
+            not share weights with another (untie first). Targets inside it are skipped.
         task_type: peft's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"TOKEN_CLS"``,
             ``"QUESTION_ANS"``, ...). As in peft, ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add the
             model's ``classifier``/``score`` head to `modules_to_save`, and ``"QUESTION_ANS"``

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,15 +33,18 @@ from .layer import (
     split_budget,
     wrap_module,
 )
-from .modules_to_save import ModulesToSaveWrapper, check_can_save
+from .modules_to_save import ModulesToSaveWrapper, check_can_save, shared_with
 from .ops import applied_deltas, restore_weight, write_applied
 from .optim import SM3, SparseAdamW, SparseAdamW8bit
 from .selection import SpielSelector
 
 ADAPTER_TYPE = "spielft"
-# Version 2 adds modules trained in full (``modules_to_save``); an adapter without them is
-# still written as version 1, so that older spielft versions keep reading it.
+# Version 2 added modules trained in full (``modules_to_save``) and the config fields that go
+# with them; version 1 files still load.
 FORMAT_VERSION = 2
+# Config fields of a classification/QA model that its saved head depends on: recorded in the
+# adapter, so that the Auto classes rebuild the same model.
+_TASK_CONFIG_FIELDS = ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id")
 _SAVED_PREFIX = "modules_to_save/"  # tensor keys: modules_to_save/<module>/<state key>
 # The heads of the classification/QA models transformers builds fresh: warn if they stay frozen.
 _TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -130,10 +134,20 @@ def _refuse_offloaded(model: nn.Module, name: str, module: nn.Module) -> None:
         raise ValueError(
             f"module {name!r} has its weight offloaded by accelerate "
             f"({'on the meta device' if on_meta else 'an offloading hook'}): spielft needs "
-            "the weights in memory to add the sparse deltas. Load the model without offloading, "
+            "the weights in memory to add sparse deltas or copy a module trained in full. Load "
+            "the model without offloading, "
             "e.g. from_pretrained(..., device_map={'': 0}) or device_map='cpu' to put it all "
             "on one device."
         )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the first caller outside spielft."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_internal(name: str) -> bool:
@@ -160,6 +174,7 @@ def find_target_modules(
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     owners = _weight_owners(model)
     saved = saved or []
+    skipped: list[str] = []
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, SpielLayer):
@@ -168,14 +183,10 @@ def find_target_modules(
             continue
         if not _matches(name, config):
             continue
-        if _under(name, saved):
-            if config.targets_all_linear:
-                continue
-            raise ValueError(
-                f"SpielConfig.target_modules matched {name!r}, which modules_to_save trains in "
-                "full: a module is either targeted or trained in full. Narrow target_modules "
-                "(or exclude_modules it) or modules_to_save."
-            )
+        if _under(name, saved):  # trained in full, as peft does for its modules_to_save
+            if not config.targets_all_linear and wrap_module(module) is not None:
+                skipped.append(name)
+            continue
         if config.targets_all_linear:  # every supported linear but the head
             layer = wrap_module(module)
             if (
@@ -198,12 +209,57 @@ def find_target_modules(
             if users:
                 _refuse_tied(name, users)
         found[name] = module
+    if skipped:
+        warnings.warn(
+            f"SpielConfig.target_modules matched {skipped}, inside modules trained in full "
+            f"(modules_to_save, or task_type's head {saved}): they train in full, without "
+            "sparse deltas.",
+            stacklevel=_user_stacklevel(),
+        )
     if not found:
         raise ValueError(
             f"SpielConfig.target_modules={config.target_modules!r} matched no supported module "
             f"of {type(model).__name__} (excluding {config.exclude_modules}). Module names "
             f"look like {[n for n, _ in model.named_modules()][1:4]}."
         )
+    return found
+
+
+def find_modules_to_save(model: nn.Module, config: SpielConfig) -> list[str]:
+    """The full names of the modules ``config`` trains in full (outermost matches), checked.
+
+    Names match as `target_modules` lists do: a whole name or a dotted suffix (``"norm"`` is
+    ``model.norm``, not ``input_layernorm``; peft's string-suffix match would take both).
+    """
+    names = [
+        n for n, _ in model.named_modules() if n and not _is_internal(n)
+    ]
+    explicit = config.modules_to_save or []
+    unmatched = [p for p in explicit if not any(_name_matches(n, [p]) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"SpielConfig.modules_to_save names {unmatched}, which match no module of "
+            f"{type(model).__name__} (names look like {names[:3]}); pass module "
+            "names or name suffixes."
+        )
+    heads = config.task_heads
+    found: list[str] = []
+    for name in names:
+        if _under(name, found):
+            continue
+        if _name_matches(name, explicit) or (heads and _name_matches(name, list(heads))):
+            found.append(name)
+    if heads and not any(_name_matches(n, list(heads)) for n in found):
+        raise ValueError(
+            f"SpielConfig.task_type={config.task_type!r} trains the model's head in full, "
+            f"but {type(model).__name__} has no module named any of {list(heads)}; "
+            "name the head in modules_to_save."
+        )
+    for name in found:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            check_can_save(model, name, module)
+            _refuse_offloaded(model, name, module)
     return found
 
 
@@ -288,38 +344,6 @@ class SpielModel(nn.Module):
             n: m for n, m in self.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)
         }
 
-    def _find_modules_to_save(self, config: SpielConfig) -> list[str]:
-        """Names of the modules ``config`` trains in full (outermost matches), checked."""
-        names = [
-            n for n, _ in self.base_model.named_modules() if n and not _is_internal(n)
-        ]
-        explicit = config.modules_to_save or []
-        unmatched = [p for p in explicit if not any(_name_matches(n, [p]) for n in names)]
-        if unmatched:
-            raise ValueError(
-                f"SpielConfig.modules_to_save names {unmatched}, which match no module of "
-                f"{type(self.base_model).__name__} (names look like {names[:3]}); pass module "
-                "names or name suffixes."
-            )
-        heads = config.task_heads
-        found: list[str] = []
-        for name in names:
-            if _under(name, found):
-                continue
-            if _name_matches(name, explicit) or (heads and _name_matches(name, list(heads))):
-                found.append(name)
-        if heads and not any(_name_matches(n, list(heads)) for n in found):
-            raise ValueError(
-                f"SpielConfig.task_type={config.task_type!r} trains the model's head in full, "
-                f"but {type(self.base_model).__name__} has no module named any of {list(heads)}; "
-                "name the head in modules_to_save."
-            )
-        for name in found:
-            module = self.base_model.get_submodule(name)
-            if not isinstance(module, ModulesToSaveWrapper):
-                check_can_save(self.base_model, name, module)
-        return found
-
     def _warn_frozen_head(self, saved: list[str]) -> None:
         """A classification/QA head that transformers initialised randomly must train."""
         kind = type(self.base_model).__name__
@@ -336,14 +360,13 @@ class SpielModel(nn.Module):
                 "train), and transformers initialises it randomly for a new task: pass "
                 "task_type='SEQ_CLS' (or 'TOKEN_CLS', 'QUESTION_ANS') or "
                 f"modules_to_save={frozen} to train it in full, as with peft.",
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
 
     def _wrap_to_save(self, name: str) -> ModulesToSaveWrapper:
         module = self.base_model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             return module
-        _refuse_offloaded(self.base_model, name, module)
         wrapper = ModulesToSaveWrapper(module)
         self._set_module(name, wrapper)
         return wrapper
@@ -410,7 +433,7 @@ class SpielModel(nn.Module):
         config.validate()
         # Everything is checked before the first module is wrapped.
         if state is None:
-            saved = self._find_modules_to_save(config)
+            saved = find_modules_to_save(self.base_model, config)
             self._warn_frozen_head(saved)
         else:
             saved = list(saved_modules or {})
@@ -423,7 +446,8 @@ class SpielModel(nn.Module):
             for name in saved:
                 module = self.base_model.get_submodule(name)
                 if not isinstance(module, ModulesToSaveWrapper):
-                    check_can_save(self.base_model, name, module)
+                    check_can_save(self.base_model, name, module, from_file=True)
+                    _refuse_offloaded(self.base_model, name, module)
         if state is None:
             targets = find_target_modules(self.base_model, config, saved)
             owners = _weight_owners(self.base_model)
@@ -782,6 +806,24 @@ class SpielModel(nn.Module):
             owner = next((n for n in adapter_names if n in wrapper.modules_to_save), None)
             module = wrapper.original_module if owner is None else wrapper.modules_to_save[owner]
             self._set_module(name, module.requires_grad_(False))
+            if owner is not None and shared_with(self.base_model, name, wrapper.original_module):
+                self._untie_word_embeddings(name)
+
+    def _untie_word_embeddings(self, name: str) -> None:
+        """A trained copy now stands where a tied module was: record the model as untied, or
+        transformers would tie the copy back to the embedding when the model is saved and
+        loaded, losing it."""
+        config = getattr(self.base_model, "config", None)
+        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())
+                    if c is not None}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+                warnings.warn(
+                    f"{name!r} was tied to another module's weights and now holds the adapter's "
+                    "trained copy: the model's config is set to tie_word_embeddings=False so that "
+                    "saving and reloading keep it.",
+                    stacklevel=_user_stacklevel(),
+                )
 
     def _unload(self, keep_merged: bool, adapter_names: list[str]) -> nn.Module:
         self.restore_base_weights()
@@ -923,19 +965,33 @@ class SpielModel(nn.Module):
                     tensors[f"{_SAVED_PREFIX}{name}/{key}"] = tensor.detach().cpu().contiguous()
         meta: dict[str, Any] = {
             "adapter_type": ADAPTER_TYPE,
-            "format_version": FORMAT_VERSION if saved else 1,
+            "format_version": FORMAT_VERSION,
             "base_model_name_or_path": self._base_model_name(),
             "config": self.peft_config[adapter_name].to_dict(),
             "modules": modules,
         }
         if saved:
             meta["modules_to_save"] = saved
+        task_config = self._task_model_config()
+        if task_config:
+            meta["task_model_config"] = task_config
         text = json.dumps(meta, indent=2, sort_keys=True)
         atomic_write(
             directory / ADAPTER_WEIGHTS_NAME,
             lambda p: save_file(tensors, p, metadata={"spielft": text}),
         )
         atomic_write(directory / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+
+    def _task_model_config(self) -> dict[str, Any]:
+        """A classification/QA model's label settings, which its saved head depends on."""
+        config = getattr(self.base_model, "config", None)
+        if config is None or not type(self.base_model).__name__.endswith(_TASK_MODEL_SUFFIXES):
+            return {}
+        return {
+            field: getattr(config, field)
+            for field in _TASK_CONFIG_FIELDS
+            if getattr(config, field, None) is not None
+        }
 
     def _base_model_name(self) -> str | None:
         """The base model's Hub id, or its folder as an absolute path (found from anywhere)."""
@@ -1070,7 +1126,7 @@ def _adapter_metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
     if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise ValueError(
             f"{path}: unknown format version {meta.get('format_version')!r} (this spielft reads "
-            f"version {FORMAT_VERSION}); upgrade spielft to load it"
+            f"versions 1 to {FORMAT_VERSION}); upgrade spielft to load it"
         )
     return meta
 
@@ -1083,6 +1139,18 @@ def _read_header(path: Path, tensors: bool) -> tuple[dict[str, str], dict[str, T
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
     return header, loaded
+
+
+def adapter_task_model_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The label settings (``num_labels``, ``id2label``, ...) a classifier's adapter records."""
+    path = _adapter_file(adapter_dir)
+    recorded = _adapter_metadata(path, _read_header(path, tensors=False)[0]).get("task_model_config")
+    if not isinstance(recorded, dict):
+        return {}
+    fields = {k: v for k, v in recorded.items() if k in _TASK_CONFIG_FIELDS}
+    if isinstance(fields.get("id2label"), dict):  # JSON made its integer keys strings
+        fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
+    return fields
 
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
@@ -1119,6 +1187,8 @@ def _read_modules_to_save(
     result: dict[str, dict[str, Tensor]] = {}
     for name, keys in listed.items():
         where = f"{path}, module to save {name!r}"
+        if not name or _is_internal(name):
+            raise ValueError(f"{where}: not a module name the adapter can hold")
         module = modules.get(name)
         if module is None:
             raise ValueError(f"{where}: the base model has no such module; is this the right base model?")
@@ -1139,7 +1209,8 @@ def _read_modules_to_save(
             if tensor.shape != want.shape or tensor.is_floating_point() != want.is_floating_point():
                 raise ValueError(
                     f"{where}: {key!r} is {tensor.dtype} {tuple(tensor.shape)}, the base model "
-                    f"has {want.dtype} {tuple(want.shape)}"
+                    f"has {want.dtype} {tuple(want.shape)} (a classification head: load the base "
+                    "model with the num_labels the adapter was trained with)"
                 )
             state[key] = tensor
         result[name] = state
@@ -1178,6 +1249,11 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> SavedAdapt
         if module is None:
             raise ValueError(
                 f"{where}: the base model has no such module; is this the right base model?"
+            )
+        if isinstance(module, ModulesToSaveWrapper):
+            raise ValueError(
+                f"{where}: another adapter of this model trains that module in full "
+                "(modules_to_save), so it cannot take sparse deltas"
             )
         layer = module if isinstance(module, SpielLayer) else wrap_module(module)
         if layer is None:

@@ -71,9 +71,26 @@ class ModulesToSaveWrapper(nn.Module):
             module.requires_grad_(name == adapter_name)
 
 
-def check_can_save(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Refuse a module that cannot be trained in full as a copy, with the reason and a remedy."""
-    where = f"SpielConfig.modules_to_save: module {name!r}"
+def shared_with(model: nn.Module, name: str, module: nn.Module) -> list[str]:
+    """The other modules of ``model`` that hold one of ``module``'s parameters (tied weights),
+    or that are ``module`` itself under another name."""
+    own = {id(p) for p in module.parameters()}
+    return sorted(
+        other
+        for other, m in model.named_modules(remove_duplicate=False)
+        if other != name and not other.startswith(name + ".")
+        and (m is module or any(id(p) in own for p in m.parameters(recurse=False)))
+    )
+
+
+def check_can_save(model: nn.Module, name: str, module: nn.Module, *, from_file: bool = False) -> None:
+    """Refuse a module that cannot be trained in full as a copy, with the reason and a remedy.
+
+    ``from_file``: the copy comes from a saved adapter, whose forward pass it reproduces even on
+    a base that ties the module's weights to another (the copy was trained untied), so tied
+    weights are allowed then.
+    """
+    where = f"module to save {name!r}"
     if any(isinstance(m, (SpielLayer, ModulesToSaveWrapper)) for m in module.modules()):
         raise ValueError(
             f"{where} holds layers with sparse deltas (or is itself one): a module is either "
@@ -87,18 +104,12 @@ def check_can_save(model: nn.Module, name: str, module: nn.Module) -> None:
             "train. Keep that module in full precision when loading (e.g. "
             "BitsAndBytesConfig(llm_int8_skip_modules=[...]))."
         )
-    own = {id(p) for p in module.parameters()}
-    shared = sorted(
-        other
-        for other, m in model.named_modules()
-        if other != name and not other.startswith(name + ".")
-        and any(id(p) in own for p in m.parameters(recurse=False))
-    )
-    if shared:
+    shared = shared_with(model, name, module)
+    if shared and not from_file:
         raise ValueError(
             f"{where} shares weights with {shared} (tied weights, e.g. an output head tied to "
-            "the input embedding): a trained copy would untie them silently. Untie first (e.g. "
-            "model.config.tie_word_embeddings = False and "
+            "the input embedding, or one module under two names): a trained copy would untie "
+            "them silently. Untie first (e.g. model.config.tie_word_embeddings = False and "
             "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())), or "
             "do not list it."
         )

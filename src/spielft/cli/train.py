@@ -37,7 +37,13 @@ from ..demo_data import demo_dataset
 from ..distributed import destroy_process_groups
 from ..evaluation import get_extractor
 from ..hub import check_repo_id, model_card, push_saved
-from ..model import SpielModel, adapter_base_model, find_target_modules, get_spiel_model
+from ..model import (
+    SpielModel,
+    adapter_base_model,
+    find_modules_to_save,
+    find_target_modules,
+    get_spiel_model,
+)
 from ..trainer import SpielTrainer
 from .common import (
     DEMO,
@@ -262,10 +268,19 @@ def validate_args(args) -> Any:
     return None
 
 
+def resolve_modules_to_save(args, model: torch.nn.Module, config: Any) -> Any:
+    """``config`` with ``--modules-to-save`` resolved to full module names on ``model``, so that
+    LoRA (whose peft matches names as plain string suffixes) trains the modules SpIEL does."""
+    if not args.modules_to_save or config is None:
+        return config
+    names = find_modules_to_save(model, SpielConfig(modules_to_save=args.modules_to_save))
+    return dataclasses.replace(config, modules_to_save=names)
+
+
 def wrap_for_method(args, model: torch.nn.Module, config: Any = None) -> torch.nn.Module:
     """Wrap ``model`` for ``args.method`` (``config``: `validate_args`'s, built here if not given)."""
     if config is None:
-        config = validate_args(args)
+        config = resolve_modules_to_save(args, model, validate_args(args))
     if args.method.startswith("spiel"):
         if args.match_lora_rank:
             budget = lora_parameter_count(model, args.match_lora_rank, config)
@@ -422,6 +437,7 @@ def _train(args: argparse.Namespace) -> int:
     records = read_data(args)  # a malformed data file too
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.quantize)
+    method_config = resolve_modules_to_save(args, model, method_config)  # a wrong name fails now
     train_set, eval_set, eval_records, data_summary = prepare_data(args, tokenizer, records)
     steps = planned_steps(args, len(train_set))
     resumed = checkpoint_step(args)
