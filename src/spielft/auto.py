@@ -21,7 +21,12 @@ from transformers import (
 
 from .default_model import default_model_path, is_default_model_folder
 from .hub import check_repo_id, resolve_adapter_dir
-from .model import SpielModel, adapter_base_model, adapter_task_model_config
+from .model import (
+    SpielModel,
+    adapter_base_model,
+    adapter_task_model_config,
+    resize_to_adapter_vocab,
+)
 
 
 class _AutoSpielModel:
@@ -59,6 +64,7 @@ class _AutoSpielModel:
         if cls._task_model:  # the labels its head was trained with, unless given
             model_kwargs = {**adapter_task_model_config(folder), **model_kwargs}
         model = cls._auto_class.from_pretrained(base, **model_kwargs)
+        resize_to_adapter_vocab(model, folder)  # tokens added before training
         return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)
 
 

@@ -975,6 +975,9 @@ class SpielModel(nn.Module):
         task_config = self._task_model_config()
         if task_config:
             meta["task_model_config"] = task_config
+        embeddings = _input_embeddings(self.base_model)
+        if embeddings is not None:  # the Auto classes resize a base whose vocabulary differs
+            meta["vocab_size"] = embeddings.weight.shape[0]
         text = json.dumps(meta, indent=2, sort_keys=True)
         atomic_write(
             directory / ADAPTER_WEIGHTS_NAME,
@@ -1139,6 +1142,47 @@ def _read_header(path: Path, tensors: bool) -> tuple[dict[str, str], dict[str, T
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
     return header, loaded
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if get is not None else None
+    except NotImplementedError:
+        return None
+    if isinstance(module, (SpielLayer, ModulesToSaveWrapper)):
+        module = module.base_layer if isinstance(module, SpielLayer) else module.original_module
+    weight = getattr(module, "weight", None)
+    return module if isinstance(weight, Tensor) and weight.ndim == 2 else None
+
+
+def resize_to_adapter_vocab(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Resize ``model``'s token embeddings to the vocabulary the adapter was trained with.
+
+    An adapter trained after ``resize_token_embeddings`` (added tokens) records its vocabulary
+    size; a base loaded from its checkpoint has the old one. The new rows come from the
+    adapter when it trains the embeddings (``modules_to_save``); otherwise they are freshly
+    initialised, as when training began, and this warns.
+    """
+    path = _adapter_file(adapter_dir)
+    meta = _adapter_metadata(path, _read_header(path, tensors=False)[0])
+    vocab = meta.get("vocab_size")
+    embeddings = _input_embeddings(model)
+    if not isinstance(vocab, int) or embeddings is None or embeddings.weight.shape[0] == vocab:
+        return
+    model.resize_token_embeddings(vocab)
+    names = {n for n, m in model.named_modules() if m is embeddings}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names |= {n for n, m in model.named_modules() if output is not None and m is output}
+    carried = set(meta.get("modules_to_save") or {}) | set(meta.get("modules") or {})
+    if not names & carried:
+        warnings.warn(
+            f"{adapter_dir} was trained with a vocabulary of {vocab} tokens and the base model "
+            "has another: its embeddings were resized, and the new rows are freshly "
+            "initialised, not the ones the adapter was trained with (it does not hold the "
+            "embeddings; train them with modules_to_save to keep them).",
+            stacklevel=_user_stacklevel(),
+        )
 
 
 def adapter_task_model_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
