@@ -154,12 +154,26 @@ def test_tied_weights_and_aliases_are_refused():
     _refused(aliased, SpielConfig(modules_to_save=["model.norm"]), r"shares weights with \['model.extra_norm'\]")
 
 
-def test_a_head_trained_untied_loads_onto_the_tied_base_and_merges_untied(tmp_path):
+def test_loading_allows_tied_weights_only_for_embeddings(tmp_path):
+    get_spiel_model(tiny_llama(), SpielConfig(density=0.05, modules_to_save=["model.norm"])).save_pretrained(tmp_path)
+    aliased = tiny_llama(tie_word_embeddings=True)
+    aliased.model.extra_norm = aliased.model.norm
+    with pytest.raises(ValueError, match="shares weights with"):
+        SpielModel.from_pretrained(aliased, tmp_path)
+    plain = SpielModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a norm is not what tie_word_embeddings ties
+        merged = plain.merge_and_unload()
+    assert merged.config.tie_word_embeddings is True
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_a_head_trained_untied_loads_onto_the_tied_base_and_merges_untied(tmp_path, saved):
     """The route the tied-weights error suggests: untie, train the head, load it back."""
     untied = tiny_llama(tie_word_embeddings=True)
     untied.config.tie_word_embeddings = False
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
-    model = get_spiel_model(untied, SpielConfig(density=0.05, modules_to_save=["lm_head"]))
+    model = get_spiel_model(untied, SpielConfig(density=0.05, modules_to_save=saved))
     optimizer = model.create_optimizer(lr=1e-2)
     model(input_ids=IDS, labels=IDS).loss.backward()
     optimizer.step()
@@ -222,6 +236,10 @@ def test_auto_class_rebuilds_the_classifier_with_its_labels(tmp_path):
     loaded = AutoSpielModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
     assert loaded.config.id2label == labels and loaded.config.pad_token_id == 0
     assert torch.equal(logits(loaded), logits(model))  # a batch of 4: needs the pad token
+    config = LlamaConfig.from_pretrained(tmp_path / "base")  # a config of its own: 2 labels
+    with_config = AutoSpielModelForSequenceClassification.from_pretrained(tmp_path / "adapter", config=config)
+    assert with_config.config.id2label == labels and config.num_labels == 2  # a copy was changed
+    assert torch.equal(logits(with_config), logits(model))
 
 
 def test_a_format_1_adapter_still_loads(tmp_path):

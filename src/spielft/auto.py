@@ -8,6 +8,7 @@ and `SpielModel.from_pretrained` puts the adapter on it.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,15 @@ class _AutoSpielModel:
         if token is not None:
             model_kwargs.setdefault("token", token)
         if cls._task_model:  # the labels its head was trained with, unless given
-            model_kwargs = {**adapter_task_model_config(folder), **model_kwargs}
+            recorded = adapter_task_model_config(folder)
+            if "config" in model_kwargs:  # transformers then takes no config fields as keywords
+                config = copy.deepcopy(model_kwargs["config"])
+                for field, value in recorded.items():  # num_labels first: it resets id2label
+                    if field not in model_kwargs:
+                        setattr(config, field, value)
+                model_kwargs = {**model_kwargs, "config": config}
+            else:
+                model_kwargs = {**recorded, **model_kwargs}
         model = cls._auto_class.from_pretrained(base, **model_kwargs)
         resize_to_adapter_vocab(model, folder)  # tokens added before training
         return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)

@@ -143,7 +143,7 @@ def _refuse_offloaded(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _user_stacklevel() -> int:
     """The ``stacklevel`` of a warning that points at the first caller outside spielft."""
-    package = str(Path(__file__).parent)
+    package = str(Path(__file__).parent) + os.sep
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
@@ -212,14 +212,16 @@ def find_target_modules(
     if skipped:
         warnings.warn(
             f"SpielConfig.target_modules matched {skipped}, inside modules trained in full "
-            f"(modules_to_save, or task_type's head {saved}): they train in full, without "
+            f"({saved}, by modules_to_save or task_type): they train in full, without "
             "sparse deltas.",
             stacklevel=_user_stacklevel(),
         )
     if not found:
         raise ValueError(
             f"SpielConfig.target_modules={config.target_modules!r} matched no supported module "
-            f"of {type(model).__name__} (excluding {config.exclude_modules}). Module names "
+            f"of {type(model).__name__} (excluding {config.exclude_modules}"
+            + (f" and the {len(skipped)} inside modules trained in full" if skipped else "")
+            + "). Module names "
             f"look like {[n for n, _ in model.named_modules()][1:4]}."
         )
     return found
@@ -446,7 +448,9 @@ class SpielModel(nn.Module):
             for name in saved:
                 module = self.base_model.get_submodule(name)
                 if not isinstance(module, ModulesToSaveWrapper):
-                    check_can_save(self.base_model, name, module, from_file=True)
+                    # A head or embedding trained untied reproduces its forward on a tied base.
+                    tied_ok = _is_embedding(self.base_model, module)
+                    check_can_save(self.base_model, name, module, allow_tied=tied_ok)
                     _refuse_offloaded(self.base_model, name, module)
         if state is None:
             targets = find_target_modules(self.base_model, config, saved)
@@ -802,28 +806,41 @@ class SpielModel(nn.Module):
     def _unwrap_modules_to_save(self, adapter_names: list[str]) -> None:
         """Replace each wrapper by the copy of the adapter in ``adapter_names`` that has one
         (frozen, as the rest of the plain model), else by the original module."""
-        for name, wrapper in self.modules_to_save_wrappers().items():
+        wrappers = self.modules_to_save_wrappers()
+        # Which copies replace a tied embedding or head: decided before any is replaced.
+        untie = [
+            name for name, wrapper in wrappers.items()
+            if any(n in wrapper.modules_to_save for n in adapter_names)
+            and _is_embedding(self.base_model, wrapper.original_module)
+            and shared_with(self.base_model, name, wrapper.original_module)
+        ]
+        for name, wrapper in wrappers.items():
             owner = next((n for n in adapter_names if n in wrapper.modules_to_save), None)
             module = wrapper.original_module if owner is None else wrapper.modules_to_save[owner]
             self._set_module(name, module.requires_grad_(False))
-            if owner is not None and shared_with(self.base_model, name, wrapper.original_module):
-                self._untie_word_embeddings(name)
+        if untie:
+            self._untie_word_embeddings(untie)
 
-    def _untie_word_embeddings(self, name: str) -> None:
+    def _untie_word_embeddings(self, names: list[str]) -> None:
         """A trained copy now stands where a tied module was: record the model as untied, or
         transformers would tie the copy back to the embedding when the model is saved and
         loaded, losing it."""
         config = getattr(self.base_model, "config", None)
-        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())
-                    if c is not None}.values():
-            if getattr(cfg, "tie_word_embeddings", False):
-                cfg.tie_word_embeddings = False
-                warnings.warn(
-                    f"{name!r} was tied to another module's weights and now holds the adapter's "
-                    "trained copy: the model's config is set to tie_word_embeddings=False so that "
-                    "saving and reloading keep it.",
-                    stacklevel=_user_stacklevel(),
-                )
+        try:
+            text_config = config.get_text_config(decoder=True) if config is not None else None
+        except (AttributeError, TypeError, ValueError):  # no text config, or several
+            text_config = None
+        tied = [c for c in {id(c): c for c in (config, text_config) if c is not None}.values()
+                if getattr(c, "tie_word_embeddings", False)]
+        for cfg in tied:
+            cfg.tie_word_embeddings = False
+        if tied:
+            warnings.warn(
+                f"{names} were tied to another module's weights and now hold the adapter's "
+                "trained copies: the model's config is set to tie_word_embeddings=False so "
+                "that saving and reloading keep them.",
+                stacklevel=_user_stacklevel(),
+            )
 
     def _unload(self, keep_merged: bool, adapter_names: list[str]) -> nn.Module:
         self.restore_base_weights()
@@ -1144,6 +1161,17 @@ def _read_header(path: Path, tensors: bool) -> tuple[dict[str, str], dict[str, T
     return header, loaded
 
 
+def _is_embedding(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module`` is ``model``'s input embedding or output head (the modules that
+    ``tie_word_embeddings`` ties)."""
+    candidates = [_input_embeddings(model)]
+    get_output = getattr(model, "get_output_embeddings", None)
+    if get_output is not None:
+        output = get_output()
+        candidates.append(output.original_module if isinstance(output, ModulesToSaveWrapper) else output)
+    return any(c is not None and c is module for c in candidates)
+
+
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_input_embeddings", None)
     try:
@@ -1170,17 +1198,26 @@ def resize_to_adapter_vocab(model: nn.Module, adapter_dir: str | os.PathLike) ->
     embeddings = _input_embeddings(model)
     if not isinstance(vocab, int) or embeddings is None or embeddings.weight.shape[0] == vocab:
         return
+    before = embeddings.weight.shape[0]
     model.resize_token_embeddings(vocab)
-    names = {n for n, m in model.named_modules() if m is embeddings}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names |= {n for n, m in model.named_modules() if output is not None and m is output}
-    carried = set(meta.get("modules_to_save") or {}) | set(meta.get("modules") or {})
-    if not names & carried:
+    resized = {
+        n for n, m in model.named_modules()
+        if m is model.get_input_embeddings() or (output is not None and m is output)
+    }
+    missing = sorted(resized - set(meta.get("modules_to_save") or {}))
+    if vocab < before:
         warnings.warn(
-            f"{adapter_dir} was trained with a vocabulary of {vocab} tokens and the base model "
-            "has another: its embeddings were resized, and the new rows are freshly "
-            "initialised, not the ones the adapter was trained with (it does not hold the "
-            "embeddings; train them with modules_to_save to keep them).",
+            f"{adapter_dir} was trained with a vocabulary of {vocab} tokens, fewer than the "
+            f"base model's {before}: its embeddings were cut to {vocab} rows.",
+            stacklevel=_user_stacklevel(),
+        )
+    elif missing:
+        warnings.warn(
+            f"{adapter_dir} was trained with a vocabulary of {vocab} tokens, the base model "
+            f"has {before}: the embeddings were resized, and the new rows of {missing} are "
+            "freshly initialised, not the ones the adapter was trained with (train those "
+            "modules with modules_to_save to keep them).",
             stacklevel=_user_stacklevel(),
         )
 

@@ -83,12 +83,11 @@ def shared_with(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     )
 
 
-def check_can_save(model: nn.Module, name: str, module: nn.Module, *, from_file: bool = False) -> None:
+def check_can_save(model: nn.Module, name: str, module: nn.Module, *, allow_tied: bool = False) -> None:
     """Refuse a module that cannot be trained in full as a copy, with the reason and a remedy.
 
-    ``from_file``: the copy comes from a saved adapter, whose forward pass it reproduces even on
-    a base that ties the module's weights to another (the copy was trained untied), so tied
-    weights are allowed then.
+    ``allow_tied``: the copy of an embedding or output head comes from a saved adapter, trained
+    untied; it reproduces that forward pass on a base that ties the two.
     """
     where = f"module to save {name!r}"
     if any(isinstance(m, (SpielLayer, ModulesToSaveWrapper)) for m in module.modules()):
@@ -105,7 +104,7 @@ def check_can_save(model: nn.Module, name: str, module: nn.Module, *, from_file:
             "BitsAndBytesConfig(llm_int8_skip_modules=[...]))."
         )
     shared = shared_with(model, name, module)
-    if shared and not from_file:
+    if shared and not allow_tied:
         raise ValueError(
             f"{where} shares weights with {shared} (tied weights, e.g. an output head tied to "
             "the input embedding, or one module under two names): a trained copy would untie "

@@ -194,7 +194,8 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 
 def lora_parameter_count(model: torch.nn.Module, rank: int, config: SpielConfig) -> int:
     """LoRA rank ``rank``'s trainable parameters on the modules ``config`` targets."""
-    return sum(rank * sum(m.weight.shape) for m in find_target_modules(model, config).values())
+    saved = find_modules_to_save(model, config) if config.modules_to_save or config.task_type else None
+    return sum(rank * sum(m.weight.shape) for m in find_target_modules(model, config, saved).values())
 
 
 def target_modules(args) -> list[str] | None:
