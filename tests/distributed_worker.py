@@ -106,6 +106,11 @@ def train(
         n: (d.indices.long().clone(), d.values.detach().clone())
         for n, d in spiel.sparse_deltas().items()
     }
+    record["saved"] = {  # modules trained in full (modules_to_save): their copies' weights
+        f"{n}.{k}": v.detach().clone()
+        for n, w in spiel.modules_to_save_wrappers().items()
+        for k, v in w.modules_to_save[spiel.active_adapter].state_dict().items()
+    }
     selector.close()
     return record
 
@@ -183,13 +188,15 @@ def main(out_dir: str) -> None:
         )
         # MA, with DDP's find_unused_parameters=True (what transformers.Trainer picks for a
         # SpielModel) and without DDP re-broadcasting rank 0's buffers (the indices) at each
-        # forward: the ranks must agree on their own.
+        # forward: the ranks must agree on their own. The final norm trains in full next to
+        # the deltas (modules_to_save): DDP averages its gradient like any parameter's.
         results["ma"] = train(
             "ma",
             rank,
             world,
             micro=1,
             ddp_kwargs={"find_unused_parameters": True, "broadcast_buffers": False},
+            modules_to_save=["model.norm"],
         )
         # Divergent indices must raise on every rank at the update (no hang).
         results["corrupt"] = _capture(

@@ -124,9 +124,14 @@ def test_ddp_ag_selection_agrees_across_ranks_and_matches_single_process(ddp_res
 
 @needs_gloo
 def test_ddp_ma_selection_agrees_across_ranks_and_matches_single_process(ddp_results):
-    """MA, DDP with find_unused_parameters=True (what Trainer picks) and no buffer broadcast."""
-    reference = worker.train("ma", micro=1)
+    """MA, DDP with find_unused_parameters=True (what Trainer picks) and no buffer broadcast,
+    with the final norm trained in full (modules_to_save) next to the deltas."""
+    reference = worker.train("ma", micro=1, modules_to_save=["model.norm"])
     _assert_same_as_reference([r["ma"] for r in ddp_results], reference, n_updates=3)
+    assert list(reference["saved"]) == ["model.norm.weight"]
+    assert not torch.equal(reference["saved"]["model.norm.weight"], torch.ones(64))  # it trained
+    for rank in ddp_results:
+        torch.testing.assert_close(rank["ma"]["saved"], reference["saved"], rtol=1e-5, atol=1e-6)
 
 
 @needs_gloo
