@@ -80,3 +80,13 @@ def test_a_base_resized_for_added_tokens_is_resized_again(tmp_path, saved):
         with pytest.warns(UserWarning, match=r"new rows of \[.*'model.embed_tokens'\] are freshly"):
             loaded = AutoSpielModelForCausalLM.from_pretrained(tmp_path / "adapter")
     assert loaded.get_input_embeddings().weight.shape[0] == 132
+
+
+def test_a_peft_adapter_is_pointed_to_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                               peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="holds a peft LORA adapter, not a spielft one"):
+        AutoSpielModelForCausalLM.from_pretrained(tmp_path / "lora")

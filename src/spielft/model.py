@@ -1129,9 +1129,24 @@ def _adapter_file(adapter_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _peft_type(config_path: Path) -> str | None:
+    """The ``peft_type`` of a peft adapter's config file, if that is what it is."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return str(config["peft_type"]) if isinstance(config, dict) and "peft_type" in config else None
+
+
 def _adapter_metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
     """The weights file's spielft metadata (the authoritative copy of the config), checked."""
     if "spielft" not in header:
+        peft_type = _peft_type(path.parent / ADAPTER_CONFIG_NAME)
+        if peft_type is not None:
+            raise ValueError(
+                f"{path.parent} holds a peft {peft_type} adapter, not a spielft one: load it "
+                "with peft (PeftModel.from_pretrained, or AutoPeftModelForCausalLM)"
+            )
         raise ValueError(f"{path} has no spielft metadata: not an adapter saved by spielft")
     try:
         meta = json.loads(header["spielft"])
