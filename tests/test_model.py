@@ -288,7 +288,7 @@ def test_gradient_checkpointing_inside_applied_deltas_gives_the_same_gradients()
 def test_torch_compile_trains_as_eager_through_reselections():
     """torch.compile (dynamo + AOT autograd) around the SpielModel: the same losses, windows and
     drop-and-regrow updates included (the sparse-delta op runs as its own graph-broken call)."""
-    from tiny_models import tiny_llama
+    from tiny_models import tiny_llama, train_steps
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -299,14 +299,8 @@ def test_torch_compile_trains_as_eager_through_reselections():
         optimizer = model.create_optimizer(lr=1e-2)
         selector = model.create_selector(optimizer, total_steps=100)
         forward = torch.compile(model, backend="aot_eager") if compiled else model
-        out = []
-        for _ in range(9):  # two updates (steps 4 and 8), each after a 2-step window
-            loss = forward(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            selector.step()
-            optimizer.zero_grad()
-            out.append(loss.item())
+        # Two updates (steps 4 and 8), each after a 2-step window.
+        out = train_steps(model, optimizer, selector, ids, steps=9, forward=forward)
         assert selector.num_updates == 2
         return out
 

@@ -37,13 +37,16 @@ def train_steps(
     selector: SpielSelector,
     data: torch.Tensor,
     steps: int,
+    forward: Any = None,
 ) -> list[float]:
     """Put ``spiel`` in train mode and take ``steps`` optimizer steps on the fixed batch ``data``
-    (token ids, also the labels), stepping ``selector`` after each; returns the step losses."""
+    (token ids, also the labels), stepping ``selector`` after each; returns the step losses.
+    ``forward`` runs the model instead of ``spiel`` itself (e.g. ``torch.compile(spiel)``)."""
     losses = []
     spiel.train()
+    forward = spiel if forward is None else forward
     for _ in range(steps):
-        loss = spiel(input_ids=data, labels=data).loss
+        loss = forward(input_ids=data, labels=data).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
