@@ -35,7 +35,6 @@ class _AutoSpielModel:
     built by ``_auto_class`` (a transformers auto class)."""
 
     _auto_class: Any = None
-    _task_model = False  # a classifier/QA model: the adapter's label settings apply
 
     @classmethod
     def from_pretrained(
@@ -62,16 +61,17 @@ class _AutoSpielModel:
         base = locate_base_model(base, adapter)
         if token is not None:
             model_kwargs.setdefault("token", token)
-        if cls._task_model:  # the labels its head was trained with, unless given
-            recorded = adapter_task_model_config(folder)
-            if "config" in model_kwargs:  # transformers then takes no config fields as keywords
-                config = copy.deepcopy(model_kwargs["config"])
-                for field, value in recorded.items():  # num_labels first: it resets id2label
-                    if field not in model_kwargs:
-                        setattr(config, field, value)
-                model_kwargs = {**model_kwargs, "config": config}
-            else:
-                model_kwargs = {**recorded, **model_kwargs}
+        # A classifier's labels, as its head was trained with, unless given (only classifier
+        # and QA adapters record them).
+        recorded = adapter_task_model_config(folder)
+        if recorded and "config" in model_kwargs:  # then transformers takes no config keywords
+            config = copy.deepcopy(model_kwargs["config"])
+            for field, value in recorded.items():  # num_labels first: it resets id2label
+                if field not in model_kwargs:
+                    setattr(config, field, value)
+            model_kwargs = {**model_kwargs, "config": config}
+        else:
+            model_kwargs = {**recorded, **model_kwargs}
         model = cls._auto_class.from_pretrained(base, **model_kwargs)
         resize_to_adapter_vocab(model, folder)  # tokens added before training
         return SpielModel.from_pretrained(model, folder, adapter_name, is_trainable)
@@ -89,21 +89,18 @@ class AutoSpielModelForSequenceClassification(_AutoSpielModel):
     ``pad_token_id``...) are recorded there and applied unless passed."""
 
     _auto_class = AutoModelForSequenceClassification
-    _task_model = True
 
 
 class AutoSpielModelForTokenClassification(_AutoSpielModel):
     """As `AutoSpielModelForSequenceClassification`, for a token classifier (``"TOKEN_CLS"``)."""
 
     _auto_class = AutoModelForTokenClassification
-    _task_model = True
 
 
 class AutoSpielModelForQuestionAnswering(_AutoSpielModel):
     """As `AutoSpielModelForSequenceClassification`, for extractive QA (``"QUESTION_ANS"``)."""
 
     _auto_class = AutoModelForQuestionAnswering
-    _task_model = True
 
 
 def locate_base_model(base: str, adapter: str | os.PathLike) -> str:

@@ -255,7 +255,7 @@ class SpielConfig:
 
     @property
     def task_heads(self) -> tuple[str, ...]:
-        """The heads `task_type` trains in full (those the model has)."""
+        """The head names `task_type` trains in full (a model has one of them)."""
         return TASK_HEADS[self.task_type] if self.task_type else ()
 
     @property

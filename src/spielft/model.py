@@ -233,9 +233,7 @@ def find_modules_to_save(model: nn.Module, config: SpielConfig) -> list[str]:
     Names match as `target_modules` lists do: a whole name or a dotted suffix (``"norm"`` is
     ``model.norm``, not ``input_layernorm``; peft's string-suffix match would take both).
     """
-    names = [
-        n for n, _ in model.named_modules() if n and not _is_internal(n)
-    ]
+    names = [n for n, _ in model.named_modules() if n and not _is_internal(n)]
     explicit = config.modules_to_save or []
     unmatched = [p for p in explicit if not any(_name_matches(n, [p]) for n in names)]
     if unmatched:
@@ -244,25 +242,28 @@ def find_modules_to_save(model: nn.Module, config: SpielConfig) -> list[str]:
             f"{type(model).__name__} (names look like {names[:3]}); pass module "
             "names or name suffixes."
         )
-    heads = config.task_heads
+    heads = list(config.task_heads)
     found: list[str] = []
     for name in names:
-        if _under(name, found):
-            continue
-        if _name_matches(name, explicit) or (heads and _name_matches(name, list(heads))):
+        if not _under(name, found) and _name_matches(name, explicit + heads):
             found.append(name)
-    if heads and not any(_name_matches(n, list(heads)) for n in found):
+    if heads and not any(_name_matches(n, heads) for n in found):
         raise ValueError(
             f"SpielConfig.task_type={config.task_type!r} trains the model's head in full, "
             f"but {type(model).__name__} has no module named any of {list(heads)}; "
             "name the head in modules_to_save."
         )
     for name in found:
-        module = model.get_submodule(name)
-        if not isinstance(module, ModulesToSaveWrapper):
-            check_can_save(model, name, module)
-            _refuse_offloaded(model, name, module)
+        _check_module_to_save(model, name)
     return found
+
+
+def _check_module_to_save(model: nn.Module, name: str, *, allow_tied: bool = False) -> None:
+    """Refuse a module that cannot be copied and trained in full (a wrapper already was checked)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, ModulesToSaveWrapper):
+        check_can_save(model, name, module, allow_tied=allow_tied)
+        _refuse_offloaded(model, name, module)
 
 
 @functools.cache
@@ -446,12 +447,9 @@ class SpielModel(nn.Module):
                     "it sparse deltas: a module is one or the other."
                 )
             for name in saved:
-                module = self.base_model.get_submodule(name)
-                if not isinstance(module, ModulesToSaveWrapper):
-                    # A head or embedding trained untied reproduces its forward on a tied base.
-                    tied_ok = _is_embedding(self.base_model, module)
-                    check_can_save(self.base_model, name, module, allow_tied=tied_ok)
-                    _refuse_offloaded(self.base_model, name, module)
+                # A head or embedding trained untied reproduces its forward on a tied base.
+                tied_ok = _is_embedding(self.base_model, self.base_model.get_submodule(name))
+                _check_module_to_save(self.base_model, name, allow_tied=tied_ok)
         if state is None:
             targets = find_target_modules(self.base_model, config, saved)
             owners = _weight_owners(self.base_model)
@@ -514,14 +512,8 @@ class SpielModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
             raise ValueError(f"unknown adapter(s) {missing}; available: {list(self.peft_config)}")
+        self._refuse_two_copies(names, "only one copy can run: activate at most one of them")
         wrappers = self.modules_to_save_wrappers()
-        for name, wrapper in wrappers.items():
-            owners = [n for n in names if n in wrapper.modules_to_save]
-            if len(owners) > 1:
-                raise ValueError(
-                    f"adapters {owners} each train their own copy of {name!r} "
-                    "(modules_to_save), and only one copy can run: activate at most one of them."
-                )
         self._unmerge_before("set_adapter")
         self.active_adapters = names
         for layer in self.spiel_layers().values():
@@ -529,6 +521,16 @@ class SpielModel(nn.Module):
         for wrapper in wrappers.values():
             wrapper.set_adapter(names)
         self._mark_trainable()
+
+    def _refuse_two_copies(self, adapter_names: list[str], remedy: str) -> None:
+        """Raise if two of ``adapter_names`` have their own copy of one module to save."""
+        for name, wrapper in self.modules_to_save_wrappers().items():
+            owners = [n for n in adapter_names if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each train their own copy of {name!r} "
+                    f"(modules_to_save); {remedy}."
+                )
 
     def _unmerge_before(self, action: str) -> None:
         """Unmerge first (as peft does): merged deltas live in W, where no switch can reach."""
@@ -741,14 +743,9 @@ class SpielModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
-        for name, wrapper in self.modules_to_save_wrappers().items():
-            owners = [n for n in names if n in wrapper.modules_to_save]
-            if len(owners) > 1:
-                raise ValueError(
-                    f"adapters {owners} each train their own copy of {name!r} "
-                    "(modules_to_save); merge_and_unload can keep only one: pass adapter_names "
-                    "with at most one of them."
-                )
+        self._refuse_two_copies(
+            names, "merge_and_unload can keep only one: pass adapter_names with at most one of them"
+        )
         layers = self.spiel_layers()
         if not dequantize:
             self._refuse_quantized(
@@ -1176,6 +1173,12 @@ def _read_header(path: Path, tensors: bool) -> tuple[dict[str, str], dict[str, T
     return header, loaded
 
 
+def _saved_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """A saved adapter's spielft metadata, checked, without reading its tensors."""
+    path = _adapter_file(adapter_dir)
+    return _adapter_metadata(path, _read_header(path, tensors=False)[0])
+
+
 def _is_embedding(model: nn.Module, module: nn.Module) -> bool:
     """Whether ``module`` is ``model``'s input embedding or output head (the modules that
     ``tie_word_embeddings`` ties)."""
@@ -1207,8 +1210,7 @@ def resize_to_adapter_vocab(model: nn.Module, adapter_dir: str | os.PathLike) ->
     adapter when it trains the embeddings (``modules_to_save``); otherwise they are freshly
     initialised, as when training began, and this warns.
     """
-    path = _adapter_file(adapter_dir)
-    meta = _adapter_metadata(path, _read_header(path, tensors=False)[0])
+    meta = _saved_metadata(adapter_dir)
     vocab = meta.get("vocab_size")
     embeddings = _input_embeddings(model)
     if not isinstance(vocab, int) or embeddings is None or embeddings.weight.shape[0] == vocab:
@@ -1216,10 +1218,8 @@ def resize_to_adapter_vocab(model: nn.Module, adapter_dir: str | os.PathLike) ->
     before = embeddings.weight.shape[0]
     model.resize_token_embeddings(vocab)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    resized = {
-        n for n, m in model.named_modules()
-        if m is model.get_input_embeddings() or (output is not None and m is output)
-    }
+    resized_modules = [m for m in (model.get_input_embeddings(), output) if m is not None]
+    resized = {n for n, m in model.named_modules() if any(m is r for r in resized_modules)}
     missing = sorted(resized - set(meta.get("modules_to_save") or {}))
     if vocab < before:
         warnings.warn(
@@ -1239,8 +1239,7 @@ def resize_to_adapter_vocab(model: nn.Module, adapter_dir: str | os.PathLike) ->
 
 def adapter_task_model_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The label settings (``num_labels``, ``id2label``, ...) a classifier's adapter records."""
-    path = _adapter_file(adapter_dir)
-    recorded = _adapter_metadata(path, _read_header(path, tensors=False)[0]).get("task_model_config")
+    recorded = _saved_metadata(adapter_dir).get("task_model_config")
     if not isinstance(recorded, dict):
         return {}
     fields = {k: v for k, v in recorded.items() if k in _TASK_CONFIG_FIELDS}
@@ -1251,10 +1250,7 @@ def adapter_task_model_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
     """The base model a saved adapter records (``base_model_name_or_path``), if any."""
-    path = _adapter_file(adapter_dir)
-    base = _adapter_metadata(path, _read_header(path, tensors=False)[0]).get(
-        "base_model_name_or_path"
-    )
+    base = _saved_metadata(adapter_dir).get("base_model_name_or_path")
     return base if isinstance(base, str) and base else None
 
 
@@ -1288,8 +1284,11 @@ def _read_modules_to_save(
         module = modules.get(name)
         if module is None:
             raise ValueError(f"{where}: the base model has no such module; is this the right base model?")
-        if isinstance(module, (ModulesToSaveWrapper, SpielLayer)):  # what it wraps is checked
-            module = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.base_layer
+        # What a wrapper wraps is what the saved state must fit.
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
+        elif isinstance(module, SpielLayer):
+            module = module.base_layer
         expected = module.state_dict()
         if sorted(keys) != sorted(expected):
             raise ValueError(
