@@ -3,6 +3,7 @@
     python bench/profile_step.py --method spiel-ma --density 0.195   # LoRA r=64's budget
     python bench/profile_step.py --method spiel-ma --density 0.01
     python bench/profile_step.py --method spiel-ma --density 0.184 --weight-grad-dtype bfloat16
+    python bench/profile_step.py --method spiel-ma --density 0.184 --structure rows
 
 Prints the top operators by self CPU time (SmolLM2-135M-Instruct, batch 4 x 256).
 ``--applied`` runs the steps inside ``SpielModel.applied_deltas()`` (the deltas stay written
@@ -33,11 +34,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--weight-grad-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--applied", action="store_true", help="train inside applied_deltas()")
+    parser.add_argument("--structure", choices=["unstructured", "rows", "columns"],
+                        default="unstructured", help="SpielConfig.structure")
     args = parser.parse_args()
     base, _ = load_model_and_tokenizer()
     model = get_spiel_model(base, SpielConfig(density=args.density, regrowth=args.method[-2:],
                                               target_modules=LINEARS,
-                                              weight_grad_dtype=args.weight_grad_dtype))
+                                              weight_grad_dtype=args.weight_grad_dtype,
+                                              structure=args.structure))
     optimizer = model.create_optimizer()
     selector = model.create_selector(optimizer, total_steps=1000)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),

@@ -13,7 +13,8 @@ accumulation windows (dense weight gradients) and updates are included in its av
 
 ``spiel-ag-bf16`` and ``spiel-ma-bf16`` are SpIEL with ``weight_grad_dtype="bfloat16"``: the
 GEMM behind the weight gradient in bfloat16, everything else as in ``spiel-ag``/``spiel-ma``.
-An ``-applied`` suffix (e.g. ``spiel-ma-applied``, not in the default set) trains inside
+``spiel-ag-rows``, ``spiel-ma-columns`` etc. train whole rows or columns of each matrix
+(``SpielConfig.structure``), at the same budget rounded to whole lines. An ``-applied`` suffix (e.g. ``spiel-ma-applied``, not in the default set) trains inside
 ``SpielModel.applied_deltas()`` (``SpielTrainer(keep_deltas_applied=True)``), where the deltas
 stay written into W between steps instead of being written and restored in every forward and
 backward.
@@ -46,7 +47,10 @@ from spielft import SpielConfig, get_spiel_model
 RESULTS = Path(__file__).parent / "results"
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["floor", "lora", "shira", "full", "spiel-ag", "spiel-ma", "spiel-ag-bf16", "spiel-ma-bf16"]
-CHOICES = METHODS + [f"{m}-applied" for m in METHODS if m.startswith("spiel")]
+STRUCTURED = [f"spiel-{r}-{s}" for s in ("rows", "columns") for r in ("ag", "ma")]
+CHOICES = METHODS + STRUCTURED + [
+    f"{m}-applied" for m in METHODS + STRUCTURED if m.startswith("spiel")
+]
 
 
 # -- models and methods ----------------------------------------------------------------------------
@@ -113,9 +117,11 @@ class Method:
             regrowth = name.split("-")[1]
             # "-bf16": the weight-gradient GEMM in bfloat16 (SpielConfig.weight_grad_dtype).
             grad_dtype = "bfloat16" if "-bf16" in name else "float32"
+            # "-rows"/"-columns": whole lines (SpielConfig.structure).
+            structure = next((s for s in ("rows", "columns") if f"-{s}" in name), "unstructured")
             model = get_spiel_model(model, SpielConfig(
                 num_tunable_weights=budget, regrowth=regrowth, target_modules=LINEAR_NAMES,
-                weight_grad_dtype=grad_dtype))
+                weight_grad_dtype=grad_dtype, structure=structure))
             self.optimizer = model.create_optimizer(lr=1e-4 if regrowth == "ag" else 1e-3)
             self.selector = model.create_selector(self.optimizer, total_steps=total_steps)
             if name.endswith("-applied"):

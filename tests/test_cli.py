@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from spielft.cli import main
+from spielft.layer import is_whole_lines
 
 ANSWERS = {"red": "blue", "one": "two", "cat": "dog", "sun": "moon"}
 
@@ -68,6 +69,18 @@ def test_modules_to_save_train_in_full_and_are_saved(tmp_path, tiny_model_dir, t
     # Only the final norm, for LoRA too (peft alone would also take every `..._layernorm`).
     norm = [t for k, t in tensors.items() if "norm" in k]
     assert len(norm) == 1 and not torch.equal(norm[0], torch.ones_like(norm[0]))  # it trained
+
+
+def test_structure_trains_whole_lines(tmp_path, tiny_model_dir, tiny_data):
+    out = _train(tmp_path, tiny_model_dir, tiny_data, "--method", "spiel-ma", "--structure", "rows",
+                 "--density", "0.2", "--no-generate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["config"]["structure"] == "rows"
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    for name, info in saved["modules"].items():
+        assert is_whole_lines(tensors[f"{name}.indices"], tuple(info["shape"]), 0)
 
 
 def test_keep_deltas_applied_trains_the_same_adapter(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
@@ -433,6 +446,7 @@ def test_config_file_values_are_checked_like_the_flags(tmp_path, capsys):
     (["--eval-data", "held_out.jsonl"], "--eval-data is for --data FILE"),
     (["--val-size", "10"], "--val-size is for --data FILE"),
     (["--method", "full", "--modules-to-save", "norm"], "--modules-to-save is for spiel-ag/spiel-ma/lora"),
+    (["--method", "lora", "--structure", "rows"], "--structure is for spiel-ag/spiel-ma"),
 ])
 def test_bad_method_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, flags, message):
     from spielft.cli import train as recipe

@@ -10,7 +10,14 @@ from transformers.pytorch_utils import Conv1D
 
 from recording_capture import RecordingCapture
 from spielft import SpielConfig, SpielModel, get_spiel_model
-from spielft.layer import SparseDelta, SpielConv1D, SpielEmbedding, random_indices, wrap_module
+from spielft.layer import (
+    SparseDelta,
+    SpielConv1D,
+    SpielEmbedding,
+    is_whole_lines,
+    random_indices,
+    wrap_module,
+)
 from spielft.model import find_target_modules
 from spielft.ops import sparse_delta_embedding, sparse_delta_linear
 from tiny_models import tiny_llama, train_steps
@@ -131,6 +138,20 @@ def test_tiny_gpt2_default_targets_conv1d_trains_and_merges_exactly():
         merged = merged_model(input_ids=probe).logits
     assert isinstance(merged_model.transformer.h[0].attn.c_attn, Conv1D)
     assert torch.equal(merged, unmerged)
+
+
+@pytest.mark.parametrize("structure, stored_axis", [("rows", 1), ("columns", 0)])
+def test_conv1d_rows_are_output_features_and_train_as_lines(structure, stored_axis):
+    """Conv1D stores (in, out): the computation's rows (outputs) are its stored columns."""
+    spiel = get_spiel_model(tiny_gpt2(), SpielConfig(density=0.1, structure=structure,
+                                                     reselection_steps=4, accumulation_steps=2))
+    deltas = spiel.sparse_deltas()
+    assert all(d.line_axis == stored_axis for d in deltas.values())
+    optimizer = spiel.create_optimizer(lr=1e-2)
+    selector = spiel.create_selector(optimizer, total_steps=12)
+    losses = train_steps(spiel, optimizer, selector, _batch(0, batch=8, length=16), 12)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert all(is_whole_lines(d.indices, d.shape, stored_axis) for d in deltas.values())
 
 
 def test_gpt2_tied_embedding_is_refused_clearly():
@@ -289,3 +310,26 @@ def test_embedding_is_not_a_default_target_but_can_be_named_trained_saved_and_me
         merged = reloaded.merge_and_unload()
         assert type(merged.model.embed_tokens) is nn.Embedding
         assert torch.equal(merged(input_ids=probe).logits, logits)
+
+
+@pytest.mark.parametrize("regrowth", ["ag", "ma"])
+def test_embedding_rows_regrow_rows_of_tokens_in_the_batch(regrowth):
+    """Whole embedding rows (tokens): both regrowths score them from the exact row gradient."""
+    config = SpielConfig(density=0.1, target_modules=["embed_tokens"], structure="rows",
+                         regrowth=regrowth, reselection_steps=3, accumulation_steps=1,
+                         initial_reselection_rate=0.5)
+    spiel = get_spiel_model(tiny_llama(), config)
+    delta = spiel.sparse_deltas()["model.embed_tokens"]
+    assert delta.line_axis == 0
+    optimizer = spiel.create_optimizer(lr=1e-2)
+    selector = spiel.create_selector(optimizer, total_steps=4)
+    before = set(delta.lines().tolist())
+    data = _batch(3, length=8)
+    for _ in range(3):
+        spiel(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        selector.step()
+    grown = set(delta.lines().tolist()) - before
+    assert grown and grown <= set(data.unique().tolist())  # only tokens with a gradient
+    assert is_whole_lines(delta.indices, delta.shape, 0)

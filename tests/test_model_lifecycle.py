@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import spielft.model as spiel_model_module
 from spielft import SpielConfig, SpielModel, get_spiel_model
+from spielft.layer import is_whole_lines
 from spielft.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 
@@ -479,3 +480,50 @@ def test_interrupted_save_leaves_previous_adapter_readable(tmp_path, monkeypatch
         new.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
     assert torch.equal(logits(SpielModel.from_pretrained(tiny_llama(), tmp_path)), expected)
+
+
+# -- whole lines (SpielConfig.structure) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure, axis", [("rows", 0), ("columns", 1)])
+def test_a_structured_adapter_is_whole_lines_and_round_trips(tmp_path, structure, axis):
+    model = trained(structure=structure)
+    budget = round(0.05 * sum(d.numel_dense for d in model.sparse_deltas().values()))
+    total = 0
+    for delta in model.sparse_deltas().values():
+        assert delta.line_axis == axis  # nn.Linear: rows are stored rows (output features)
+        assert is_whole_lines(delta.indices, delta.shape, axis)
+        assert 1 <= delta.lines().numel() <= delta.shape[axis]
+        total += delta.values.numel()
+    assert abs(total - budget) <= sum(max(d.shape) for d in model.sparse_deltas().values())
+    model.save_pretrained(tmp_path)
+    loaded = SpielModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert loaded.peft_config["default"].structure == structure
+    assert all(d.line_axis == axis for d in loaded.sparse_deltas().values())
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_a_structured_adapter_whose_indices_are_not_lines_is_refused_whole(tmp_path):
+    tensors, meta = _saved(tmp_path)  # an unstructured adapter...
+    meta["config"]["structure"] = "rows"  # ...that claims whole rows
+    _rewrite(tmp_path, tensors, meta)
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=r"module '.*': the config says structure='rows', but the"):
+        SpielModel.from_pretrained(base, tmp_path)
+    assert not any("Spiel" in type(m).__name__ for m in base.modules())  # nothing wrapped
+
+
+def test_weighted_sum_of_rows_is_rows_and_of_rows_and_columns_is_unstructured():
+    model = trained(structure="rows")
+    model.add_adapter("more_rows", SpielConfig(density=0.05, structure="rows", seed=3))
+    model.add_adapter("columns", SpielConfig(density=0.05, structure="columns", seed=4))
+    model.add_weighted_adapter(["default", "more_rows"], [1.0, 1.0], "rows_sum")
+    model.add_weighted_adapter(["default", "columns"], [1.0, 1.0], "mixed")
+    assert model.peft_config["rows_sum"].structure == "rows"
+    assert all(d.line_axis == 0 for d in model.sparse_deltas("rows_sum").values())
+    assert model.peft_config["mixed"].structure == "unstructured"
+    # Active together, rows and columns are combined and computed as plain entries.
+    model.set_adapter(["default", "columns"])
+    together = logits(model)
+    model.set_adapter("mixed")
+    torch.testing.assert_close(logits(model), together)

@@ -7,7 +7,7 @@ import torch
 
 from recording_capture import RecordingCapture
 from spielft import ops
-from spielft.layer import random_indices
+from spielft.layer import line_positions, random_indices
 from spielft.ops import csr_sddmm, dense_sddmm, gather_sddmm, sddmm, sparse_delta_linear
 
 
@@ -340,4 +340,79 @@ def test_a_failed_write_inside_applied_deltas_leaves_the_block_usable():
             out = sparse_delta_linear(x, weight, b, indices, values)
             torch.testing.assert_close(out, _dense_reference(x, pretrained, b, indices, values),
                                        rtol=0, atol=1e-12)
+    assert torch.equal(weight, pretrained)
+
+
+# -- whole lines (SpielConfig.structure) ----------------------------------------------------------
+
+
+def _line_case(stored_shape, axis, n_lines, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lines = torch.randperm(stored_shape[axis], generator=gen)[:n_lines].sort().values
+    return line_positions(lines, stored_shape, axis).int()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_whole_lines_match_dense_float64_and_restore_w(axis, transposed, bias):
+    """The line-by-line patch and the line GEMM against the dense reference, gradients too."""
+    weight, b, _, _, x = _case(13, 11, 0.1, (2, 5), bias)
+    if b is not None:
+        b.requires_grad_(True)
+    stored = weight.T.contiguous() if transposed else weight  # Conv1D stores (in, out)
+    indices = _line_case(tuple(stored.shape), axis, 3)
+    values = torch.randn(indices.numel(), dtype=torch.float64, requires_grad=True)
+    before = stored.clone()
+    out = sparse_delta_linear(x, stored, b, indices, values, transposed=transposed, line_axis=axis)
+    delta = torch.zeros(stored.numel(), dtype=torch.float64).index_put((indices.long(),), values)
+    dense = stored + delta.view_as(stored)
+    ref = torch.nn.functional.linear(x, dense.T if transposed else dense, b)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    inputs = (x, values) if b is None else (x, values, b)
+    for got, want in zip(
+        torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(stored, before), "the base weight must be restored bit for bit"
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_whole_lines_of_a_callable_weight_and_in_low_precision(axis):
+    """A dequantizing source is patched line by line too; bf16 rounds as the flat path does."""
+    weight, b, _, _, x = _case(9, 8, 0.1, (4,), True, dtype=torch.bfloat16)
+    indices = _line_case((9, 8), axis, 2)
+    values = torch.randn(indices.numel(), dtype=torch.float32)
+    flat = sparse_delta_linear(x, weight, b, indices, values)
+    lines = sparse_delta_linear(x, lambda: weight.clone(), b, indices, values, line_axis=axis)
+    assert torch.equal(lines, flat)
+
+
+def test_whole_lines_with_dense_capture_give_the_same_gradient():
+    """An AG window's dense gradient and the line GEMM agree (and the capture sees W's)."""
+    weight, b, _, _, x = _case(12, 10, 0.1, (6,), False)
+    indices = _line_case((12, 10), 0, 4)
+    values = torch.randn(indices.numel(), dtype=torch.float64, requires_grad=True)
+    capture = RecordingCapture(dense=True)
+    out = sparse_delta_linear(x, weight, b, indices, values, [capture], line_axis=0)
+    (with_capture,) = torch.autograd.grad(out.sum(), values)
+    out = sparse_delta_linear(x, weight, b, indices, values, line_axis=0)
+    (without,) = torch.autograd.grad(out.sum(), values)
+    torch.testing.assert_close(with_capture, without)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_whole_lines_inside_applied_deltas(axis):
+    """The applied block writes whole lines as any entries; gradients stay the line GEMM's."""
+    weight, b, _, _, x = _case(13, 11, 0.1, (2, 5), True)
+    pretrained = weight.clone()
+    indices = _line_case((13, 11), axis, 3)
+    values = torch.randn(indices.numel(), dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, 13, dtype=torch.float64)
+    ref, (rx, rv) = _reference_grads(x, pretrained, b, indices, values, grad)
+    with ops.applied_deltas([weight]):
+        out = sparse_delta_linear(x, weight, b, indices, values, line_axis=axis)
+        gx, gv = torch.autograd.grad(out, (x, values), grad)
+    torch.testing.assert_close((out, gx, gv), (ref, rx, rv), rtol=0, atol=1e-12)
     assert torch.equal(weight, pretrained)

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from spielft import SpielConfig, get_spiel_model
-from spielft.selection import reselection_rate, top_outer_product
+from spielft.layer import SparseDelta, is_whole_lines, line_positions
+from spielft.selection import LineEnergy, reselection_rate, top_outer_product
 
 
 def _step(opt, selector):
@@ -382,3 +383,117 @@ def test_ag_sums_are_unscaled_and_drop_overflowed_micro_batches():
     # Seeded moments: the unscaled mean gradient, not 1024 times it.
     slot = delta.indices.tolist().index(7)
     assert opt.state[delta.values]["exp_avg"][slot].item() == pytest.approx(5.0)
+
+
+# -- whole lines (SpielConfig.structure) ----------------------------------------------------------
+
+
+def _lines_layer(regrowth, structure, lines, values, out_f=5, in_f=4, **overrides):
+    """A layer whose delta holds the given whole ``lines`` with ``values`` (by line), a
+    zero-lr optimizer and a selector dropping one of two lines at step 2."""
+    axis = 0 if structure == "rows" else 1
+    width = in_f if axis == 0 else out_f
+    model, delta = _one_layer(regrowth, k=len(lines) * width, out_f=out_f, in_f=in_f,
+                              structure=structure, initial_reselection_rate=0.6, **overrides)
+    positions = line_positions(torch.tensor(lines), (out_f, in_f), axis)
+    delta.indices.copy_(positions.to(delta.indices.dtype))
+    with torch.no_grad():
+        delta.values_by_line().copy_(torch.tensor(values).view(len(lines), 1).expand(-1, width))
+    opt = model.create_optimizer(lr=0.0)
+    return model, delta, opt, model.create_selector(opt, total_steps=1000)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_ag_rows_drop_the_weakest_row_and_regrow_the_largest_summed_gradient(seeded):
+    # Rows 0 and 3 active; row 3's deltas are smaller, so it goes.
+    model, delta, opt, selector = _lines_layer("ag", "rows", [0, 3], [0.3, 0.01],
+                                               ag_seed_optimizer_state=seeded)
+    _backward_with_weight_grad(model, torch.ones(5, 4))
+    _step(opt, selector)
+    # Row 1 wins the first micro-batch, row 4 the window's sum; row 0 (active) is ignored.
+    g1, g2 = torch.zeros(5, 4), torch.zeros(5, 4)
+    g1[1], g1[4], g1[2] = 5.0, 4.0, 0.5
+    g2[1], g2[4], g2[0] = -4.0, 3.0, 100.0
+    _backward_with_weight_grad(model, g1)
+    _backward_with_weight_grad(model, g2)
+    assert selector.accumulators["0"].grad_sum.shape == (2, 4)  # whole candidate lines
+    stats = _step(opt, selector)
+    assert stats["spiel/indices_changed"] == 4  # one row of 4 entries
+    assert delta.lines().tolist() == [0, 4]
+    assert delta.values_by_line()[:, 0].tolist() == pytest.approx([0.3, 0.0])
+    exp_avg = opt.state[delta.values]["exp_avg"].view(2, 4)  # row 0's slots, then row 4's
+    if seeded:  # the regrown row's moments start at its window's mean gradient: 4 + 3
+        assert exp_avg[1].tolist() == pytest.approx([7.0] * 4)
+    else:
+        assert exp_avg[1].tolist() == [0.0] * 4
+    assert exp_avg[0].abs().sum() > 0  # the kept row keeps its state
+
+
+@pytest.mark.parametrize("normalize, regrown", [(False, 1), (True, 3)])
+def test_ma_columns_regrow_the_largest_squared_gradient_over_input_mean_square(normalize, regrown):
+    model, delta, opt, selector = _lines_layer(
+        "ma", "columns", [0, 2], [0.01, 0.3], out_f=3, normalize_regrowth_by_input=normalize
+    )
+    _backward_with_weight_grad(model, torch.ones(3, 4))
+    _step(opt, selector)
+    assert isinstance(selector.accumulators["0"], LineEnergy)  # not SM3's accumulators
+    # Column 1's gradient is 1 on an input 10x louder, column 3's is 3: raw energies 300 and
+    # 27, over the inputs' mean squares (100 and 1, / 4 tokens) 4 and 36. Column 0 goes.
+    grad = torch.zeros(3, 4)
+    grad[:, 1], grad[:, 3] = 1.0, 3.0
+    _backward_with_scaled_inputs(model, grad, [1.0, 10.0, 1.0, 1.0])
+    stats = _step(opt, selector)
+    assert stats["spiel/indices_changed"] == 3
+    assert delta.lines().tolist() == sorted([2, regrown])
+    kept = {2: 0.3, regrown: 0.0}
+    assert delta.values_by_line()[:, 0].tolist() == pytest.approx(
+        [kept[line] for line in delta.lines().tolist()]
+    )
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_line_energy_estimates_each_lines_squared_gradient(axis, normalize):
+    """The random projections are unbiased: with many probes they give ||G_line||^2."""
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(64, 6, generator=gen), torch.randn(64, 5, generator=gen)
+    grad = left.T @ right  # the stored (6, 5) weight's gradient
+    input_ms = torch.rand(1, 5, generator=gen) + 0.5 if normalize else None
+    delta = SparseDelta((6, 5), line_positions(torch.tensor([0]), (6, 5), axis), line_axis=axis)
+    energy = LineEnergy(delta, normalize, seed=1, probes=20_000)
+    energy(None, input_ms, (left, right))
+    energy(None, input_ms, (left, right))  # summed over the window
+    scaled = grad if input_ms is None else grad / input_ms.sqrt()
+    exact = 2 * scaled.square().sum(1 - axis)
+    torch.testing.assert_close(energy.scores(), exact, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("regrowth", ["ag", "ma"])
+@pytest.mark.parametrize("structure", ["rows", "columns"])
+@pytest.mark.parametrize("full_first", [False, True])
+def test_whole_lines_stay_whole_lines_through_updates(regrowth, structure, full_first):
+    axis = 0 if structure == "rows" else 1
+    model, delta = _one_layer(regrowth, k=14, out_f=6, in_f=7, structure=structure,
+                              initial_reselection_rate=0.6, full_first_reselection=full_first,
+                              ag_seed_optimizer_state=regrowth == "ag")
+    opt = model.create_optimizer(lr=0.05)
+    selector = model.create_selector(opt, total_steps=40)
+    changed = 0
+    for _ in range(20):
+        before = delta.lines().tolist()
+        _backward_with_weight_grad(model, torch.randn(6, 7))
+        opt.step()
+        kept_values = {line: row.clone() for line, row in
+                       zip(before, delta.values_by_line().detach(), strict=True)}
+        stats = selector.step()
+        opt.zero_grad()
+        assert is_whole_lines(delta.indices, (6, 7), axis)
+        lines = delta.lines().tolist()
+        assert delta.values.numel() == len(lines) * (7 if axis == 0 else 6)
+        if stats is not None:
+            changed += stats["spiel/indices_changed"]
+            if stats["spiel/reselection_rate"] < 1.0:
+                for line, row in zip(lines, delta.values_by_line().detach(), strict=True):
+                    expected = kept_values.get(line, torch.zeros_like(row))
+                    torch.testing.assert_close(row, expected)
+    assert changed > 0

@@ -267,21 +267,26 @@ def _train(tmp_path, regrowth, resume=None, **overrides):
     return model, trainer
 
 
-@pytest.mark.parametrize("regrowth", ["ag", "ma"])
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, regrowth):
-    full_model, full = _train(tmp_path, regrowth, normalize_regrowth_by_input=True)
+@pytest.mark.parametrize(
+    "regrowth, structure", [("ag", "unstructured"), ("ma", "unstructured"), ("ma", "rows")]
+)
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, regrowth, structure):
+    config = dict(normalize_regrowth_by_input=True, structure=structure)
+    if structure == "rows":  # enough rows per matrix that each update regrows some
+        config["density"] = 0.2
+    full_model, full = _train(tmp_path, regrowth, **config)
     checkpoint = tmp_path / f"checkpoint-{SAVE_AT}"
     saved = json.loads((checkpoint / SELECTOR_STATE_NAME).read_text())["state"]
     assert saved["step_count"] == SAVE_AT and saved["num_updates"] == 1
     # Saved mid-window: step 7's statistics are in the checkpoint (AG: gradient sums and input
-    # mean squares; MA: the input mean squares of its input-normalised scores).
+    # mean squares; MA: the input mean squares of its input-normalised scores, or its lines'
+    # energies and the state of the generator of their random projections).
     assert saved["accumulators"]
-    assert all(acc["input_count"] == 2 for acc in saved["accumulators"].values())  # 2 micro-batches
+    count = "count" if structure == "rows" else "input_count"
+    assert all(acc[count] == 2 for acc in saved["accumulators"].values())  # 2 micro-batches
 
     # A fresh model (new random indices) and trainer pick up from the checkpoint.
-    resumed_model, resumed = _train(
-        tmp_path / "resumed", regrowth, resume=str(checkpoint), normalize_regrowth_by_input=True
-    )
+    resumed_model, resumed = _train(tmp_path / "resumed", regrowth, resume=str(checkpoint), **config)
     assert resumed.selector.step_count == MAX_STEPS
     assert resumed.selector.num_updates == 2  # one before the checkpoint, one after
     new_updates = {s: h for s, h in _updates(resumed).items() if s > SAVE_AT}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .ops import (
     GradCapture,
     WeightSource,
+    lines_of,
     mark_base_rewritten,
     merged_values,
     restore_weight,
@@ -44,11 +45,49 @@ def random_indices(numel: int, k: int, generator: torch.Generator | None = None)
     return chosen[keep].sort().values
 
 
+# -- whole lines: index sets made of entire rows or columns of the stored matrix --------------
+#
+# With ``SpielConfig.structure`` set, every index set is a union of whole lines along one axis
+# of the stored weight (0: rows, 1: columns). The indices stay flat positions, so saving,
+# merging and the optimizers see nothing different; the op and the selector read the lines
+# back from them (`spielft.ops.lines_of`) to run a small dense GEMM instead of a sampled one.
+
+
+def line_length(shape: tuple[int, int], axis: int) -> int:
+    """How many entries one line along ``axis`` holds (a row has ``shape[1]``)."""
+    return shape[1 - axis]
+
+
+def line_members(lines: Tensor, shape: tuple[int, int], axis: int) -> Tensor:
+    """The flat row-major positions of each line: (len(lines), line length), int64."""
+    rows, cols = shape
+    lines = lines.long()
+    if axis == 0:
+        return lines[:, None] * cols + torch.arange(cols, device=lines.device)
+    return torch.arange(rows, device=lines.device)[None, :] * cols + lines[:, None]
+
+
+def line_positions(lines: Tensor, shape: tuple[int, int], axis: int) -> Tensor:
+    """Sorted flat row-major positions of the given sorted ``lines`` (int64)."""
+    members = line_members(lines, shape, axis)
+    return (members if axis == 0 else members.T).reshape(-1)
+
+
+def is_whole_lines(indices: Tensor, shape: tuple[int, int], axis: int) -> bool:
+    """Whether sorted unique ``indices`` are exactly a union of whole lines along ``axis``."""
+    if indices.numel() % line_length(shape, axis):
+        return False
+    lines = lines_of(indices, shape, axis)
+    return bool(torch.equal(line_positions(lines, shape, axis), indices.long()))
+
+
 class SparseDelta(nn.Module):
     """One adapter's sparse update of one weight matrix.
 
     ``indices`` are sorted, unique, flat row-major positions in a ``shape`` matrix; ``values``
-    holds the trainable difference from the pretrained weight at each of them.
+    holds the trainable difference from the pretrained weight at each of them. With
+    ``line_axis`` (0 or 1) the indices are whole rows or whole columns of that matrix, and
+    stay so through every reselection.
     """
 
     def __init__(
@@ -58,10 +97,19 @@ class SparseDelta(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         grad_dtype: torch.dtype | None = None,
+        line_axis: int | None = None,
     ) -> None:
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         numel = self.shape[0] * self.shape[1]
+        if line_axis is not None and not is_whole_lines(indices, self.shape, line_axis):
+            raise ValueError(
+                f"the indices of a {self.shape} delta are not whole "
+                f"{'rows' if line_axis == 0 else 'columns'} of it, as its structured adapter "
+                "needs: they were saved by an unstructured adapter or edited. Load them with "
+                "SpielConfig.structure='unstructured'."
+            )
+        self.line_axis = line_axis
         self.register_buffer("indices", indices.to(device=device, dtype=index_dtype(numel)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
         # Set by the selector during its statistics windows (see spielft.ops.GradCapture).
@@ -73,8 +121,22 @@ class SparseDelta(nn.Module):
     def numel_dense(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def lines(self) -> Tensor:
+        """The whole lines this delta trains (only for a structured delta)."""
+        assert self.line_axis is not None
+        return lines_of(self.indices, self.shape, self.line_axis)
+
+    def values_by_line(self) -> Tensor:
+        """``values`` as (lines, line length): row i holds the i-th line's deltas."""
+        assert self.line_axis is not None
+        width = line_length(self.shape, self.line_axis)
+        if self.line_axis == 0:
+            return self.values.view(-1, width)
+        return self.values.view(width, -1).T
+
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, k={self.values.numel()}, dtype={self.values.dtype}"
+        lines = "" if self.line_axis is None else f", lines along axis {self.line_axis}"
+        return f"shape={self.shape}, k={self.values.numel()}, dtype={self.values.dtype}{lines}"
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """The delta as a dense (out, in) matrix (for inspection and tests, not the hot path)."""
@@ -94,6 +156,8 @@ class SparseDelta(nn.Module):
         """
         if indices.numel() != self.values.numel():
             raise ValueError("reassign keeps the number of deltas constant")
+        if self.line_axis is not None and not is_whole_lines(indices, self.shape, self.line_axis):
+            raise ValueError("a structured delta must be reassigned whole lines")
         old = self.values.detach().clone()
         new = torch.zeros_like(old)
         kept = source >= 0
@@ -112,6 +176,7 @@ class CombinedDelta(NamedTuple):
     values: Tensor
     captures: list[GradCapture]
     grad_dtype: torch.dtype | None  # the ops' grad_dtype (None: auto)
+    line_axis: int | None  # the indices are whole lines along this stored axis (or None)
 
 
 class SpielLayer(nn.Module):
@@ -132,6 +197,19 @@ class SpielLayer(nn.Module):
         # adapter -> (positions written, their values before): unmerge restores exactly these,
         # even if a selector update moved the adapter's indices since the merge.
         self._merge_backup: dict[str, tuple[Tensor, Tensor]] = {}
+
+    transposed = False  # True where the stored weight is (in, out), as in Conv1D
+
+    def line_axis(self, structure: str) -> int | None:
+        """The stored axis whose whole lines `SpielConfig.structure` trains (None: any entries).
+
+        ``"rows"`` are output features and ``"columns"`` input features of the computation,
+        whatever the storage layout; an embedding's rows are its tokens' vectors.
+        """
+        if structure == "unstructured":
+            return None
+        axis = 0 if structure == "rows" else 1
+        return 1 - axis if self.transposed else axis
 
     # -- the base layer's parameters, read through (as peft's tuner layers do) -------------------
     @property
@@ -191,8 +269,11 @@ class SpielLayer(nn.Module):
         captures = [d.grad_capture for d in deltas if d.grad_capture is not None]
         grad_dtypes = {d.grad_dtype for d in deltas}  # live adapters that disagree: exact
         grad_dtype = grad_dtypes.pop() if len(grad_dtypes) == 1 else torch.float32
+        axes = {d.line_axis for d in deltas}  # a union of lines along one axis is lines too
+        line_axis = axes.pop() if len(axes) == 1 else None
         if len(deltas) == 1:
-            return CombinedDelta(deltas[0].indices, deltas[0].values, captures, grad_dtype)
+            d = deltas[0]
+            return CombinedDelta(d.indices, d.values, captures, grad_dtype, line_axis)
         all_indices = torch.cat([d.indices.long() for d in deltas])
         dtype = deltas[0].values.dtype
         for d in deltas[1:]:
@@ -200,7 +281,7 @@ class SpielLayer(nn.Module):
         indices, inverse = torch.unique(all_indices, sorted=True, return_inverse=True)
         values = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
         values = values.index_add(0, inverse, torch.cat([d.values.to(dtype) for d in deltas]))
-        return CombinedDelta(indices, values, captures, grad_dtype)
+        return CombinedDelta(indices, values, captures, grad_dtype, line_axis)
 
     # -- merging ---------------------------------------------------------------------------------
     def _merge_target(self) -> Tensor:
@@ -256,8 +337,6 @@ class SpielLayer(nn.Module):
 class SpielLinear(SpielLayer):
     """``nn.Linear`` with sparse deltas: ``x @ (W + delta).T + b``."""
 
-    transposed = False  # True where the stored weight is (in, out), as in Conv1D
-
     @property
     def weight_shape(self) -> tuple[int, int]:
         return tuple(self.base_layer.weight.shape)  # type: ignore[return-value]
@@ -279,6 +358,7 @@ class SpielLinear(SpielLayer):
             combined.captures,
             transposed=self.transposed,
             grad_dtype=combined.grad_dtype,
+            line_axis=combined.line_axis,
         )
 
 
@@ -373,6 +453,7 @@ class SpielQuantLinear(SpielLayer):
             combined.values,
             combined.captures,
             grad_dtype=combined.grad_dtype,
+            line_axis=combined.line_axis,
         )
         return out.to(x.dtype)
 

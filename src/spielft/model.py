@@ -29,6 +29,9 @@ from .layer import (
     SpielEmbedding,
     SpielLayer,
     SpielQuantLinear,
+    is_whole_lines,
+    line_length,
+    line_positions,
     random_indices,
     split_budget,
     wrap_module,
@@ -470,12 +473,18 @@ class SpielModel(nn.Module):
                 )
             generator = torch.Generator().manual_seed(config.seed)
             for layer, k in zip(layers.values(), split_budget(budget, sizes), strict=True):
-                rows, cols = layer.weight_shape
-                indices = random_indices(rows * cols, k, generator)
+                shape = layer.weight_shape
+                axis = layer.line_axis(config.structure)
+                if axis is None:
+                    indices = random_indices(shape[0] * shape[1], k, generator)
+                else:  # the matrix's share rounded to whole lines, at least one
+                    n = min(max(1, round(k / line_length(shape, axis))), shape[axis])
+                    lines = torch.randperm(shape[axis], generator=generator)[:n].sort().values
+                    indices = line_positions(lines, shape, axis)
                 device = layer.base_layer.weight.device
                 delta = SparseDelta(
-                    (rows, cols), indices, config.torch_delta_dtype, device,
-                    grad_dtype=config.torch_weight_grad_dtype,
+                    shape, indices, config.torch_delta_dtype, device,
+                    grad_dtype=config.torch_weight_grad_dtype, line_axis=axis,
                 )
                 layer.add_delta(adapter_name, delta)
         else:
@@ -486,6 +495,7 @@ class SpielModel(nn.Module):
                 delta = SparseDelta(
                     layer.weight_shape, indices, config.torch_delta_dtype, device,
                     grad_dtype=config.torch_weight_grad_dtype,
+                    line_axis=layer.line_axis(config.structure),
                 )
                 with torch.no_grad():
                     delta.values.copy_(values)
@@ -660,11 +670,14 @@ class SpielModel(nn.Module):
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
             state[name] = (indices, values.index_add_(0, inverse, weighted))
         base = self.peft_config[adapters[0]]
+        structures = {self.peft_config[a].structure for a in adapters}
         config = SpielConfig.from_dict(
             {
                 **base.to_dict(),
                 "num_tunable_weights": sum(v.numel() for _, v in state.values()) or None,
                 "delta_dtype": "float32",
+                # A union of rows is rows; rows and columns together are just entries.
+                "structure": structures.pop() if len(structures) == 1 else "unstructured",
             }
         )
         self.add_adapter(adapter_name, config, state=state)
@@ -1388,5 +1401,12 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> SavedAdapt
         idx, values = idx[order], values[order]
         if idx.numel() > 1 and (idx[1:] == idx[:-1]).any():
             raise ValueError(f"{where}: duplicated indices")
+        axis = layer.line_axis(config.structure)
+        if axis is not None and not is_whole_lines(idx, shape, axis):
+            raise ValueError(
+                f"{where}: the config says structure={config.structure!r}, but the indices are "
+                f"not whole {config.structure} of the {shape[0]}x{shape[1]} matrix; was the "
+                "file edited?"
+            )
         state[name] = (idx, values)
     return SavedAdapter(config, state, _read_modules_to_save(path, meta, tensors, model))

@@ -136,6 +136,28 @@ def _covered_max_(acc: Tensor, positions: Tensor, nu: Tensor) -> None:
     acc.copy_(torch.where(new < 0, acc, new))  # NaN (a NaN gradient) is taken, as before
 
 
+def _line_nu_(row_acc: Tensor, col_acc: Tensor, grad: Tensor, delta: SparseDelta) -> Tensor:
+    """SM3's nu for a delta of whole lines, updating both accumulators as `_covered_max_` does.
+
+    The deltas form a dense (rows, cols) block of the lines by every position across them, so
+    the row and column maxima are plain reductions: no index arithmetic, gathers or scatters.
+    """
+    if grad.numel() == 0:
+        return grad
+    lines = delta.lines()
+    if delta.line_axis == 0:  # |lines| x cols, every column covered
+        g = grad.view(-1, delta.shape[1])
+        nu = torch.minimum(row_acc[lines, None], col_acc[None, :]).addcmul_(g, g)
+        row_acc[lines] = nu.amax(1)
+        col_acc.copy_(nu.amax(0))
+    else:  # rows x |lines|, every row covered
+        g = grad.view(delta.shape[0], -1)
+        nu = torch.minimum(row_acc[:, None], col_acc[None, lines]).addcmul_(g, g)
+        row_acc.copy_(nu.amax(1))
+        col_acc[lines] = nu.amax(0)
+    return nu.view(-1)
+
+
 class SM3(_KeepStateDtype, torch.optim.Optimizer):
     """SM3 (Anil et al., 2019) with O(rows + cols) second-moment memory for sparse deltas.
 
@@ -196,7 +218,9 @@ class SM3(_KeepStateDtype, torch.optim.Optimizer):
                 grad = p.grad.float()
                 delta = self.sparse_deltas.get(p)
                 state = self.state[p] or self._init_state(p, delta, momentum)
-                if delta is not None:
+                if delta is not None and delta.line_axis is not None:
+                    nu = _line_nu_(state["row_acc"], state["col_acc"], grad, delta)
+                elif delta is not None:
                     in_features = delta.shape[1]
                     # In the indices' own (int32) dtype: half the memory traffic of int64.
                     rows, cols = delta.indices // in_features, delta.indices % in_features

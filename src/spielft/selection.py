@@ -22,6 +22,13 @@ worse (bench/index_columns.py). |G_ij| / rms_j also ranks positions by the loss 
 per-weight Newton step would give, G_ij^2 / H_jj, taking the Gauss-Newton curvature as
 proportional to the input's mean square.
 
+With ``SpielConfig.structure`` (whole rows or columns), everything above counts whole lines:
+each line is dropped by the norm of its deltas and regrown by the norm of its scores. AG keeps
+whole candidate lines' gradient sums and takes the norm of the summed gradient (over the input
+RMS if normalised). MA cannot use SM3's accumulators there (they know nothing of lines with no
+active entry): its window sums each line's squared gradient instead, estimated from a few
+random projections without the dense gradient (`LineEnergy`).
+
 "Eligible" means not active before the update, except at a full reselection (p = 1), where
 nothing is kept and every position may be chosen.
 
@@ -35,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .layer import SparseDelta, index_dtype
+from .layer import SparseDelta, index_dtype, line_length, line_members, line_positions
 
 if TYPE_CHECKING:
     from .model import SpielModel
@@ -95,6 +103,12 @@ def top_outer_product(row: Tensor, col: Tensor, n: int, exclude: Tensor | None) 
     return best_positions
 
 
+def num_units(delta: SparseDelta) -> int:
+    """What drop and regrow count in ``delta``: whole lines when structured, else entries."""
+    k = delta.values.numel()
+    return k if delta.line_axis is None else k // line_length(delta.shape, delta.line_axis)
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar) wrappers.
 
@@ -119,12 +133,13 @@ class InputStatistics:
 
     wants_dense_grad = False
     wants_input_stats = True
+    wants_factors = False
 
     def __init__(self) -> None:
         self.ms_sum: Tensor | None = None
         self.count = 0
 
-    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None) -> None:
+    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None, factors=None) -> None:
         self.add(input_ms)
 
     @property
@@ -168,6 +183,7 @@ class GradientAccumulator:
     """
 
     wants_dense_grad = True
+    wants_factors = False
 
     def __init__(
         self,
@@ -192,9 +208,11 @@ class GradientAccumulator:
     def wants_input_stats(self) -> bool:
         return self.inputs is not None
 
-    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None) -> None:
+    def __call__(self, dense_grad: Tensor | None, input_ms: Tensor | None, factors=None) -> None:
         assert dense_grad is not None
-        flat = dense_grad.reshape(-1)
+        axis = self.delta.line_axis
+        # What a candidate is: an entry (the flat gradient) or a line (a row of this view).
+        flat = dense_grad.reshape(-1) if axis is None else (dense_grad if axis == 0 else dense_grad.T)
         scale = self.loss_scale() if self.loss_scale is not None else None
         if self.candidates is None:
             if self.group is None:
@@ -212,14 +230,18 @@ class GradientAccumulator:
                 # Overflow: wait for a finite micro-batch to pick candidates. Decided on the
                 # rank-averaged ranking under DDP, so every rank skips together.
                 return
-            ranking = ranking.view(-1)
+            if axis is None:
+                ranking, active = ranking.view(-1), self.delta.indices.long()
+            else:  # a line by the norm of its (normalised) gradient
+                ranking, active = ranking.square_().sum(1 - axis), self.delta.lines()
             if self.exclude_active:
-                ranking.index_fill_(0, self.delta.indices.long(), float("-inf"))
+                ranking.index_fill_(0, active, float("-inf"))
             # int32 where the matrix allows it, as the indices: 8 bytes a candidate, not 12.
             chosen = _masked_topk(ranking, self.num_candidates).sort().values
-            self.candidates = chosen.to(index_dtype(flat.numel()))
+            self.candidates = chosen.to(index_dtype(dense_grad.numel()))
             self.grad_sum = torch.zeros(
-                self.candidates.numel(), dtype=torch.float32, device=flat.device
+                (self.candidates.numel(), *flat.shape[1:]), dtype=torch.float32,
+                device=flat.device,
             )
         contribution = flat.index_select(0, self.candidates).float()
         if scale is not None:  # no host sync: a non-finite contribution adds zeros
@@ -231,14 +253,21 @@ class GradientAccumulator:
             self.inputs.add(input_ms)
 
     def scores(self) -> Tensor:
-        """|summed gradient| of each candidate, over its input feature's RMS if normalised."""
+        """|summed gradient| of each candidate, over its input feature's RMS if normalised.
+
+        A line scores the norm of its entries' scores.
+        """
         assert self.candidates is not None and self.grad_sum is not None
         scores = self.grad_sum.abs()
+        axis = self.delta.line_axis
         if self.inputs is not None:
-            ms = self.inputs.mean_square_at(self.candidates.long(), self.delta.shape)
+            positions = self.candidates.long()
+            if axis is not None:
+                positions = line_members(positions, self.delta.shape, axis)
+            ms = self.inputs.mean_square_at(positions, self.delta.shape)
             if ms is not None:
                 scores /= ms.sqrt_()
-        return scores
+        return scores if axis is None else scores.norm(dim=1)
 
     @property
     def started(self) -> bool:
@@ -258,6 +287,72 @@ class GradientAccumulator:
         )
         if self.inputs is not None:
             self.inputs.load_state_dict(state)
+
+
+class LineEnergy:
+    """MA's statistic for whole lines: each line's squared gradient, summed over the window.
+
+    SM3's row and column accumulators only cover lines with active entries, so they cannot
+    rank the inactive lines a structured delta regrows from. Instead each backward adds every
+    line's ||G_line||^2, estimated from ``probes`` random projections of the gradient G =
+    left.T @ right without forming it: G @ z = left.T @ (right @ z) for rows, z^T @ G =
+    (left @ z)^T @ right for columns. For z ~ N(0, I), E[(G_i . z)^2] = ||G_i||^2; the relative
+    error is about sqrt(2 / probes) per backward, at ``probes / out`` of the GEMM's cost (1-3%
+    on SmolLM2). Summed over the window, a line's energy is what an Adagrad accumulator of its
+    entries would sum to. With ``normalize``, G's columns are divided by the RMS of the input
+    feature they multiply first (``|G_ij| / rms_j``, as for unstructured regrowth). Embeddings
+    hand over their (cheap) dense gradient, and get exact energies, unnormalised.
+    """
+
+    wants_dense_grad = False
+    wants_factors = True
+
+    def __init__(self, delta: SparseDelta, normalize: bool, seed: int, probes: int = 16) -> None:
+        assert delta.line_axis is not None
+        self.axis, self.probes = delta.line_axis, probes
+        self.wants_input_stats = normalize
+        self.generator = torch.Generator().manual_seed(seed)
+        self.energy: Tensor | None = None
+        self.count = 0
+
+    def __call__(
+        self, dense_grad: Tensor | None, input_ms: Tensor | None, factors: tuple[Tensor, Tensor] | None
+    ) -> None:
+        if factors is None:  # an embedding: the dense gradient is given
+            assert dense_grad is not None
+            energy = dense_grad.square().sum(1 - self.axis)
+        else:
+            left, right = factors[0].float(), factors[1].float()
+            if input_ms is not None:  # input features are the stored columns (1, in) or rows
+                scale = input_ms.clamp(min=1e-30).rsqrt()
+                if scale.shape[0] == 1:
+                    right = right * scale
+                else:
+                    left = left * scale.view(1, -1)
+            if self.axis == 0:
+                z = torch.randn(right.shape[1], self.probes, generator=self.generator)
+                projected = left.T @ (right @ z.to(right.device))  # (rows, probes)
+            else:
+                z = torch.randn(left.shape[1], self.probes, generator=self.generator)
+                projected = ((left @ z.to(left.device)).T @ right).T  # (cols, probes)
+            energy = projected.square().mean(1)
+        self.energy = energy if self.energy is None else self.energy + energy
+        self.count += 1
+
+    @property
+    def started(self) -> bool:
+        return self.count > 0
+
+    def scores(self) -> Tensor:
+        assert self.energy is not None
+        return self.energy
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"energy": self.energy, "count": self.count, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.energy, self.count = state["energy"], int(state["count"])
+        self.generator.set_state(state["rng"])
 
 
 class SpielSelector:
@@ -354,12 +449,19 @@ class SpielSelector:
         )
 
     def _num_to_regrow(self, delta: SparseDelta, rate: float) -> int:
-        return delta.values.numel() if rate >= 1.0 else int(rate * delta.values.numel())
+        """How many entries (lines, when structured) the update drops and regrows."""
+        units = num_units(delta)
+        return units if rate >= 1.0 else int(rate * units)
 
     @property
     def _needs_window(self) -> bool:
-        """AG always collects statistics before an update; MA only its input statistics."""
-        return self.config.regrowth == "ag" or self.config.normalize_regrowth_by_input
+        """AG always collects statistics before an update; MA its input statistics, or its
+        lines' energies for whole lines."""
+        return (
+            self.config.regrowth == "ag"
+            or self.config.normalize_regrowth_by_input
+            or self.config.structure != "unstructured"
+        )
 
     def _arm(self) -> None:
         """Turn statistics capture on for the next step iff it is in a window."""
@@ -382,18 +484,24 @@ class SpielSelector:
                 delta.grad_capture = None
                 continue
             if name not in self.accumulators:
-                self.accumulators[name] = self._new_capture(delta, n, full)
+                self.accumulators[name] = self._new_capture(name, delta, n, full)
             delta.grad_capture = self.accumulators[name]
 
     def _new_capture(
-        self, delta: SparseDelta, n: int, full: bool
-    ) -> GradientAccumulator | InputStatistics:
-        inputs = InputStatistics() if self.config.normalize_regrowth_by_input else None
+        self, name: str, delta: SparseDelta, n: int, full: bool
+    ) -> GradientAccumulator | InputStatistics | LineEnergy:
+        normalize = self.config.normalize_regrowth_by_input
+        if self.config.regrowth == "ma" and delta.line_axis is not None:
+            # A seed per matrix and window, the same on every rank and in every run.
+            seed = self.config.seed + 1_000_003 * self.step_count + zlib.crc32(name.encode())
+            return LineEnergy(delta, normalize, seed)
+        inputs = InputStatistics() if normalize else None
         if self.config.regrowth == "ma":
             assert inputs is not None
             return inputs
-        k = delta.values.numel()
-        eligible = delta.numel_dense - (0 if full else k)
+        k = num_units(delta)
+        total = delta.numel_dense if delta.line_axis is None else delta.shape[delta.line_axis]
+        eligible = total - (0 if full else k)
         return GradientAccumulator(
             delta, min(eligible, max(k, 2 * n)), exclude_active=not full, inputs=inputs,
             group=self.group, loss_scale=self._loss_scale,
@@ -457,11 +565,20 @@ class SpielSelector:
     def _regrow(
         self, name: str, delta: SparseDelta, n: int, full: bool
     ) -> tuple[Tensor | None, dict[str, Tensor] | None]:
-        """Up to n new flat positions for ``delta`` (and optional optimizer-state seeds)."""
-        active = delta.indices.long()
+        """Up to n new flat positions for ``delta`` (and optional optimizer-state seeds).
+
+        For a structured delta, up to n new lines (seeds shaped (lines, line length)).
+        """
+        axis = delta.line_axis
+        active = delta.indices.long() if axis is None else delta.lines()
         capture = self.accumulators.get(name)  # under DDP: already averaged over ranks
         if self._needs_window and (capture is None or not capture.started):
             return None, None
+        if isinstance(capture, LineEnergy):
+            scores = capture.scores().clone()
+            if not full:
+                scores[active] = float("-inf")
+            return _masked_topk(scores, n), None
         if self.config.regrowth == "ma":
             scores = self.optimizer.row_col_scores(delta.values)  # type: ignore[attr-defined]
             if scores is None:
@@ -488,6 +605,8 @@ class SpielSelector:
 
     def _reassign(self, delta: SparseDelta, grown: Tensor, init: dict[str, Tensor] | None) -> int:
         """Keep the largest |delta|s, add ``grown``, sort; remap values and optimizer state."""
+        if delta.line_axis is not None:
+            return self._reassign_lines(delta, grown, init)
         k = delta.values.numel()
         active, magnitude = delta.indices.long(), delta.values.detach().float().abs()
         while True:  # a regrown index is never one that stays active
@@ -518,6 +637,48 @@ class SpielSelector:
         delta.reassign(new_indices, source)
         self.optimizer.reindex(delta.values, source, seeds)  # type: ignore[attr-defined]
         return n - int(was_active.sum())
+
+    def _reassign_lines(
+        self, delta: SparseDelta, grown: Tensor, init: dict[str, Tensor] | None
+    ) -> int:
+        """`_reassign` for whole lines: keep the lines whose deltas have the largest norm.
+
+        Sorting and matching work on lines, not entries: only the final per-entry ``source``
+        (and seeds) is O(k). ``grown`` never holds a line that stays active (candidates exclude
+        active lines, and a full reselection keeps none).
+        """
+        axis = delta.line_axis
+        assert axis is not None
+        width = line_length(delta.shape, axis)
+        active = delta.lines()
+        n_lines, n = active.numel(), grown.numel()
+        norms = delta.values_by_line().detach().float().norm(dim=1)
+        kept = torch.topk(norms, n_lines - n, sorted=False).indices
+        # A regrown line that was active (only a full reselection picks one) keeps its deltas.
+        slot = torch.searchsorted(active, grown).clamp_(max=n_lines - 1)
+        was_active = active[slot] == grown
+        new_lines = torch.cat([active[kept], grown])
+        line_source = torch.cat([kept, torch.where(was_active, slot, -1)])
+        order = torch.argsort(new_lines)
+        new_lines, line_source = new_lines[order], line_source[order]
+        # Entry (line i, member j) sits at (i, j) of the values' (lines, width) matrix for rows,
+        # at (j, i) of their (width, lines) matrix for columns.
+        slots_shape = (n_lines, width) if axis == 0 else (width, n_lines)
+        members = line_members(line_source.clamp(min=0), slots_shape, axis)
+        by_line = torch.where(line_source[:, None] >= 0, members, -1)
+        source = (by_line if axis == 0 else by_line.T).reshape(-1)
+        seeds = None
+        if init is not None:
+            regrown = line_source < 0
+            which = order[regrown] - (n_lines - n)  # position of each regrown line in `grown`
+            seeds = {}
+            for key, value in init.items():
+                per_line = torch.zeros(n_lines, width, dtype=torch.float32, device=value.device)
+                per_line[regrown] = value.float()[which]
+                seeds[key] = (per_line if axis == 0 else per_line.T).reshape(-1)
+        delta.reassign(line_positions(new_lines, delta.shape, axis), source)
+        self.optimizer.reindex(delta.values, source, seeds)  # type: ignore[attr-defined]
+        return (n - int(was_active.sum())) * width
 
     def _reduce_statistics(self) -> None:
         """Average every matrix's window statistics over the ranks (one all-reduce in all).
@@ -559,6 +720,11 @@ class SpielSelector:
         parts: list[tuple[Any, str]] = []
         for capture in captures:
             if capture is None or not capture.started:
+                continue
+            if isinstance(capture, LineEnergy):
+                # The mean of the ranks' energies, not the energy of their mean gradient: an
+                # upper estimate, but the same on every rank, so the ranks select alike.
+                parts.append((capture, "energy"))
                 continue
             if isinstance(capture, GradientAccumulator):
                 parts.append((capture, "grad_sum"))

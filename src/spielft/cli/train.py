@@ -109,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SpIEL: dtype of the GEMM behind the weight gradient (auto: bfloat16 for a bf16 "
                              "model, else float32; bfloat16 on a float32 model: that GEMM 2x faster on "
                              "some CPUs, slower on others; spielft warns where it measures no gain)")
+    method.add_argument("--structure", choices=["unstructured", "rows", "columns"], default="unstructured",
+                        help="SpIEL: train any entries (the paper's method), or only whole rows (output "
+                             "features) or columns (input features) of each matrix: much faster steps at "
+                             "LoRA-like budgets")
     method.add_argument("--keep-deltas-applied", action="store_true",
                         help="SpIEL: keep the deltas written into the base weights while training "
                              "(faster steps at high density, 8 more bytes per delta; the same results)")
@@ -240,6 +244,8 @@ def validate_args(args) -> Any:
     if args.keep_deltas_applied and args.quantize:
         raise ValueError("--keep-deltas-applied does nothing on a quantized base (its weights are "
                          "dequantized afresh at every use); drop one of the two")
+    if args.structure != "unstructured" and not args.method.startswith("spiel"):
+        raise ValueError(f"--structure is for spiel-ag/spiel-ma, not --method {args.method}")
     if args.modules_to_save and args.method == "full":
         raise ValueError("--modules-to-save is for spiel-ag/spiel-ma/lora: --method full trains every module")
     if args.method.startswith("spiel"):
@@ -256,7 +262,7 @@ def validate_args(args) -> Any:
                            full_first_reselection=args.full_first_reselection,
                            normalize_regrowth_by_input=args.normalize_regrowth_by_input,
                            ag_seed_optimizer_state=args.ag_seed_optimizer_state,
-                           weight_grad_dtype=args.weight_grad_dtype,
+                           weight_grad_dtype=args.weight_grad_dtype, structure=args.structure,
                            modules_to_save=args.modules_to_save, seed=args.seed)
     if args.method == "lora":
         from peft import LoraConfig
