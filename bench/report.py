@@ -18,13 +18,16 @@ RESULTS = Path(__file__).parent / "results"
 NAMES = {"floor": "floor (no weight gradient)", "lora": "peft LoRA", "shira": "peft SHiRA",
          "full": "full fine-tuning (AdamW)", "spiel-ag": "SpIEL-AG", "spiel-ma": "SpIEL-MA",
          "spiel-ag-bf16": "SpIEL-AG, bf16 weight gradient", "spiel-ma-bf16": "SpIEL-MA, bf16 weight gradient"}
+NAMES.update({f"spiel-{r}-{s}": f"SpIEL-{r.upper()}, whole {s}"
+              for r in ("ag", "ma") for s in ("rows", "columns")})
 NAMES.update({f"{m}-applied": f"{NAMES[m]}, inside applied_deltas()"
               for m in list(NAMES) if m.startswith("spiel")})
 
 
 def per_round_ratio(row: dict, lora: dict | None) -> float | None:
-    """Median over rounds of this method's step over the same round's LoRA step: robust to a
-    round that another tenant slowed, which a cycle mean (SpIEL-AG's) is not."""
+    """Median over rounds of this method's step over the same round's step of ``lora`` (or of
+    another baseline): robust to a round that another tenant slowed, which a cycle mean
+    (SpIEL-AG's) is not."""
     steps, base = row.get("all_step_seconds"), (lora or {}).get("all_step_seconds")
     if not steps or not base or len(steps) != len(base):
         return None
@@ -36,14 +39,16 @@ def speed_tables(result: dict) -> str:
     lines = [f"{result['model']}, batch {result['batch'][0]} x {result['batch'][1]}, "
              f"{result['at_lora_budget']['budget']:,} trainable parameters (LoRA r={result['rank']}'s count); "
              f"`{result['command']}`", "",
-             "| method | step (s) | x LoRA | x LoRA, per-round median | x floor | peak RSS (MiB) | state B/param |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | step (s) | x LoRA | x LoRA, per-round median | x floor | x floor, per-round median "
+             "| peak RSS (MiB) | state B/param |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         rss = f"{row['peak_rss_mib']:.0f}" if "peak_rss_mib" in row else "-"
         paired = per_round_ratio(row, rows.get("lora"))
+        paired_floor = per_round_ratio(row, rows.get("floor"))
         lines.append(f"| {NAMES.get(name, name)} | {row['step_seconds']:.2f} | {row.get('ratio_to_lora', 0):.2f} | "
-                     f"{_fmt(paired)} | "
-                     f"{row.get('ratio_to_floor', 0):.2f} | {rss} | {row['state_bytes_per_param']:.1f} |")
+                     f"{_fmt(paired)} | {row.get('ratio_to_floor', 0):.2f} | {_fmt(paired_floor)} | "
+                     f"{rss} | {row['state_bytes_per_param']:.1f} |")
     if "by_density" in result:
         lines += ["", "| density | budget | floor (s) | LoRA (s) | SpIEL-AG (s) | SpIEL-MA (s) | MA x floor | MA x LoRA | AG x LoRA |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -468,6 +468,35 @@ def test_line_energy_estimates_each_lines_squared_gradient(axis, normalize):
     torch.testing.assert_close(energy.scores(), exact, rtol=0.05, atol=0)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_line_energies_are_unscaled_and_drop_overflowed_backwards(axis):
+    """Under a GradScaler the factors carry the loss scale: energies divide it out, and a
+    backward that overflowed adds nothing (the scaler skips that step too)."""
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(16, 6, generator=gen), torch.randn(16, 5, generator=gen)
+    delta = SparseDelta((6, 5), line_positions(torch.tensor([0]), (6, 5), axis), line_axis=axis)
+    plain = LineEnergy(delta, normalize=False, seed=3)
+    plain(None, None, (left, right))
+    scale = torch.tensor(1024.0)
+    scaled = LineEnergy(delta, normalize=False, seed=3, loss_scale=lambda: scale)
+    scaled(None, None, (left * 32, right * 32))  # the gradient left.T @ right, times 1024
+    overflow = left.clone()
+    overflow[0, 0] = float("inf")
+    scaled(None, None, (overflow, right))
+    torch.testing.assert_close(scaled.scores(), plain.scores())
+
+
+@pytest.mark.parametrize("structure", ["rows", "columns"])
+def test_a_full_reselection_regrowing_fewer_lines_keeps_each_line_once(structure):
+    """If a full reselection finds fewer lines than the budget (non-finite scores), the
+    active lines it regrew keep their deltas and the rest of the budget is filled from the
+    other active lines by norm, never the same line twice."""
+    _, delta, _, selector = _lines_layer("ag", structure, [0, 3], [0.01, 0.3], out_f=5)
+    changed = selector._reassign(delta, torch.tensor([3]), None)  # line 3 alone, already active
+    assert changed == 0 and delta.lines().tolist() == [0, 3]
+    assert delta.values_by_line()[:, 0].tolist() == pytest.approx([0.01, 0.3])
+
+
 @pytest.mark.parametrize("regrowth", ["ag", "ma"])
 @pytest.mark.parametrize("structure", ["rows", "columns"])
 @pytest.mark.parametrize("full_first", [False, True])

@@ -128,13 +128,19 @@ class SpielConfig:
             model's ``classifier``/``score`` head to `modules_to_save`, and ``"QUESTION_ANS"``
             its ``qa_outputs``: those heads start random and must train.
         structure: Which entries may be trainable. ``"unstructured"`` (default, the paper's
-            SpIEL): any. ``"rows"``: whole rows of each matrix (output features), ``"columns"``:
-            whole columns (input features); drop and regrow then work on whole lines, scored by
-            their deltas' norm and their summed regrowth scores. The deltas' gradient becomes
-            one dense GEMM the size of the chosen lines instead of a sampled one, and the
-            weight is patched line by line: at LoRA-like budgets (5-20% of each matrix) that is
-            what makes SpIEL faster than LoRA on a CPU (``bench/speed.py``). Each matrix gets
-            its share of the budget rounded to whole lines (at least one).
+            SpIEL): any. ``"rows"``: whole rows of each matrix (its output features; an
+            embedding's rows are its tokens), ``"columns"``: whole columns (input features).
+            Drop keeps the lines whose deltas have the largest norm; AG regrows the lines whose
+            accumulated gradient has the largest norm, MA those with the largest squared
+            gradient over the window, estimated from random projections (SM3's accumulators
+            only cover active lines). The deltas' gradient of a linear layer is then one small
+            dense GEMM over the chosen lines instead of a sampled matmul, and its weight is
+            patched line by line: cheaper at LoRA-like budgets (``bench/speed.py``), a
+            coarser method than SpIEL's single weights (quality: ``bench/README.md``). Each
+            matrix gets its share of the budget rounded to whole lines (at least one; a warning
+            says when that moves the total by over 10%), and an update swaps
+            ``int(rate * lines)`` lines, so a matrix of fewer than ``1 / rate`` lines keeps its
+            lines.
         seed: Seed of the random initial index sets (identical on every rank).
     """
 

@@ -104,10 +104,10 @@ class SparseDelta(nn.Module):
         numel = self.shape[0] * self.shape[1]
         if line_axis is not None and not is_whole_lines(indices, self.shape, line_axis):
             raise ValueError(
-                f"the indices of a {self.shape} delta are not whole "
-                f"{'rows' if line_axis == 0 else 'columns'} of it, as its structured adapter "
-                "needs: they were saved by an unstructured adapter or edited. Load them with "
-                "SpielConfig.structure='unstructured'."
+                f"the indices of a {self.shape} delta are not sorted, unique whole "
+                f"{'rows' if line_axis == 0 else 'columns'} of it, as a structured adapter "
+                "needs: sort them, or, if they were saved by an unstructured adapter, load them "
+                "with SpielConfig.structure='unstructured'."
             )
         self.line_axis = line_axis
         self.register_buffer("indices", indices.to(device=device, dtype=index_dtype(numel)))
@@ -200,7 +200,7 @@ class SpielLayer(nn.Module):
 
     transposed = False  # True where the stored weight is (in, out), as in Conv1D
 
-    def line_axis(self, structure: str) -> int | None:
+    def stored_line_axis(self, structure: str) -> int | None:
         """The stored axis whose whole lines `SpielConfig.structure` trains (None: any entries).
 
         ``"rows"`` are output features and ``"columns"`` input features of the computation,

@@ -472,21 +472,31 @@ class SpielModel(nn.Module):
                     f"the {len(layers)} targeted matrices; lower it or target more modules."
                 )
             generator = torch.Generator().manual_seed(config.seed)
+            created = 0
             for layer, k in zip(layers.values(), split_budget(budget, sizes), strict=True):
                 shape = layer.weight_shape
-                axis = layer.line_axis(config.structure)
+                axis = layer.stored_line_axis(config.structure)
                 if axis is None:
                     indices = random_indices(shape[0] * shape[1], k, generator)
                 else:  # the matrix's share rounded to whole lines, at least one
                     n = min(max(1, round(k / line_length(shape, axis))), shape[axis])
                     lines = torch.randperm(shape[axis], generator=generator)[:n].sort().values
                     indices = line_positions(lines, shape, axis)
+                created += indices.numel()
                 device = layer.base_layer.weight.device
                 delta = SparseDelta(
                     shape, indices, config.torch_delta_dtype, device,
                     grad_dtype=config.torch_weight_grad_dtype, line_axis=axis,
                 )
                 layer.add_delta(adapter_name, delta)
+            if abs(created - budget) > 0.1 * budget:
+                warnings.warn(
+                    f"structure={config.structure!r} rounds each matrix's share of the {budget} "
+                    f"trainable parameters to whole lines (at least one): adapter "
+                    f"{adapter_name!r} has {created}. Adjust density/num_tunable_weights, or "
+                    "exclude the matrices whose lines are long (embeddings).",
+                    stacklevel=3,
+                )
         else:
             owners = _weight_owners(self.base_model)
             for name, (indices, values) in state.items():
@@ -495,7 +505,7 @@ class SpielModel(nn.Module):
                 delta = SparseDelta(
                     layer.weight_shape, indices, config.torch_delta_dtype, device,
                     grad_dtype=config.torch_weight_grad_dtype,
-                    line_axis=layer.line_axis(config.structure),
+                    line_axis=layer.stored_line_axis(config.structure),
                 )
                 with torch.no_grad():
                     delta.values.copy_(values)
@@ -1401,7 +1411,7 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> SavedAdapt
         idx, values = idx[order], values[order]
         if idx.numel() > 1 and (idx[1:] == idx[:-1]).any():
             raise ValueError(f"{where}: duplicated indices")
-        axis = layer.line_axis(config.structure)
+        axis = layer.stored_line_axis(config.structure)
         if axis is not None and not is_whole_lines(idx, shape, axis):
             raise ValueError(
                 f"{where}: the config says structure={config.structure!r}, but the indices are "

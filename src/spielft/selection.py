@@ -212,7 +212,7 @@ class GradientAccumulator:
         assert dense_grad is not None
         axis = self.delta.line_axis
         # What a candidate is: an entry (the flat gradient) or a line (a row of this view).
-        flat = dense_grad.reshape(-1) if axis is None else (dense_grad if axis == 0 else dense_grad.T)
+        units = dense_grad.reshape(-1) if axis is None else (dense_grad if axis == 0 else dense_grad.T)
         scale = self.loss_scale() if self.loss_scale is not None else None
         if self.candidates is None:
             if self.group is None:
@@ -240,10 +240,10 @@ class GradientAccumulator:
             chosen = _masked_topk(ranking, self.num_candidates).sort().values
             self.candidates = chosen.to(index_dtype(dense_grad.numel()))
             self.grad_sum = torch.zeros(
-                (self.candidates.numel(), *flat.shape[1:]), dtype=torch.float32,
-                device=flat.device,
+                (self.candidates.numel(), *units.shape[1:]), dtype=torch.float32,
+                device=units.device,
             )
-        contribution = flat.index_select(0, self.candidates).float()
+        contribution = units.index_select(0, self.candidates).float()
         if scale is not None:  # no host sync: a non-finite contribution adds zeros
             contribution = contribution / scale
             contribution = torch.where(contribution.isfinite().all(), contribution, 0.0)
@@ -297,20 +297,30 @@ class LineEnergy:
     line's ||G_line||^2, estimated from ``probes`` random projections of the gradient G =
     left.T @ right without forming it: G @ z = left.T @ (right @ z) for rows, z^T @ G =
     (left @ z)^T @ right for columns. For z ~ N(0, I), E[(G_i . z)^2] = ||G_i||^2; the relative
-    error is about sqrt(2 / probes) per backward, at ``probes / out`` of the GEMM's cost (1-3%
-    on SmolLM2). Summed over the window, a line's energy is what an Adagrad accumulator of its
-    entries would sum to. With ``normalize``, G's columns are divided by the RMS of the input
-    feature they multiply first (``|G_ij| / rms_j``, as for unstructured regrowth). Embeddings
-    hand over their (cheap) dense gradient, and get exact energies, unnormalised.
+    error is about sqrt(2 / probes) per backward, at about ``probes * (1/out + 1/in)`` of the
+    weight-gradient GEMM's cost (3-4% on SmolLM2). Summed over the window, a line's energy is
+    what an Adagrad accumulator of its entries would sum to. With ``normalize``, G's columns are
+    first divided by the RMS of the input feature they multiply in that backward (``|G_ij| /
+    rms_j``; unstructured regrowth divides by the window's RMS instead). Embeddings hand over
+    their (cheap) dense gradient, and get exact energies, unnormalised. ``loss_scale`` is as for
+    `GradientAccumulator`: energies are unscaled, and an overflowed backward adds nothing.
     """
 
     wants_dense_grad = False
     wants_factors = True
 
-    def __init__(self, delta: SparseDelta, normalize: bool, seed: int, probes: int = 16) -> None:
+    def __init__(
+        self,
+        delta: SparseDelta,
+        normalize: bool,
+        seed: int,
+        probes: int = 16,
+        loss_scale: Callable[[], Tensor | None] | None = None,
+    ) -> None:
         assert delta.line_axis is not None
         self.axis, self.probes = delta.line_axis, probes
         self.wants_input_stats = normalize
+        self.loss_scale = loss_scale
         self.generator = torch.Generator().manual_seed(seed)
         self.energy: Tensor | None = None
         self.count = 0
@@ -336,6 +346,10 @@ class LineEnergy:
                 z = torch.randn(left.shape[1], self.probes, generator=self.generator)
                 projected = ((left @ z.to(left.device)).T @ right).T  # (cols, probes)
             energy = projected.square().mean(1)
+        scale = self.loss_scale() if self.loss_scale is not None else None
+        if scale is not None:  # no host sync: an overflowed backward adds zeros
+            energy = energy / scale.float().square()
+            energy = torch.where(energy.isfinite().all(), energy, 0.0)
         self.energy = energy if self.energy is None else self.energy + energy
         self.count += 1
 
@@ -352,7 +366,7 @@ class LineEnergy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.energy, self.count = state["energy"], int(state["count"])
-        self.generator.set_state(state["rng"])
+        self.generator.set_state(state["rng"].cpu())  # a CPU generator, whatever the device
 
 
 class SpielSelector:
@@ -367,7 +381,7 @@ class SpielSelector:
     really steps (``accelerator.accumulate()`` makes the others no-ops), so calling it after
     every ``optimizer.step()`` keeps the schedule in optimizer steps. ``grad_scaler`` (default:
     the wrapper's ``scaler``; settable later as ``selector.grad_scaler``) is the fp16
-    ``GradScaler`` whose scale AG's gradient sums must be divided by.
+    ``GradScaler`` whose scale AG's gradient sums (and MA's line energies) must be divided by.
     """
 
     def __init__(
@@ -494,7 +508,7 @@ class SpielSelector:
         if self.config.regrowth == "ma" and delta.line_axis is not None:
             # A seed per matrix and window, the same on every rank and in every run.
             seed = self.config.seed + 1_000_003 * self.step_count + zlib.crc32(name.encode())
-            return LineEnergy(delta, normalize, seed)
+            return LineEnergy(delta, normalize, seed, loss_scale=self._loss_scale)
         inputs = InputStatistics() if normalize else None
         if self.config.regrowth == "ma":
             assert inputs is not None
@@ -644,19 +658,20 @@ class SpielSelector:
         """`_reassign` for whole lines: keep the lines whose deltas have the largest norm.
 
         Sorting and matching work on lines, not entries: only the final per-entry ``source``
-        (and seeds) is O(k). ``grown`` never holds a line that stays active (candidates exclude
-        active lines, and a full reselection keeps none).
+        (and seeds) is O(k).
         """
         axis = delta.line_axis
         assert axis is not None
         width = line_length(delta.shape, axis)
         active = delta.lines()
         n_lines, n = active.numel(), grown.numel()
-        norms = delta.values_by_line().detach().float().norm(dim=1)
-        kept = torch.topk(norms, n_lines - n, sorted=False).indices
-        # A regrown line that was active (only a full reselection picks one) keeps its deltas.
+        # A regrown line that was active (only a full reselection picks one) keeps its deltas,
+        # and is never kept a second time (a full reselection may regrow fewer than all lines).
         slot = torch.searchsorted(active, grown).clamp_(max=n_lines - 1)
         was_active = active[slot] == grown
+        norms = delta.values_by_line().detach().float().norm(dim=1)
+        norms[slot[was_active]] = float("-inf")
+        kept = torch.topk(norms, n_lines - n, sorted=False).indices
         new_lines = torch.cat([active[kept], grown])
         line_source = torch.cat([kept, torch.where(was_active, slot, -1)])
         order = torch.argsort(new_lines)
@@ -714,7 +729,8 @@ class SpielSelector:
                 "optimizer step, and every targeted module must take part in every backward "
                 "pass on every rank during statistics windows (e.g. not MoE experts that may "
                 "receive no tokens: exclude them, or use regrowth='ma' with "
-                "normalize_regrowth_by_input=False, which needs no windows)."
+                "normalize_regrowth_by_input=False and structure='unstructured', which needs "
+                "no windows)."
             )
         # (owner, attribute) of every tensor to average, in the same order on every rank.
         parts: list[tuple[Any, str]] = []
