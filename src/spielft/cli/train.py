@@ -111,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "some CPUs, slower on others; spielft warns where it measures no gain)")
     method.add_argument("--structure", choices=["unstructured", "rows", "columns"], default="unstructured",
                         help="SpIEL: train any entries (the paper's method), or only whole rows (output "
-                             "features) or columns (input features) of each matrix: much faster steps at "
-                             "LoRA-like budgets")
+                             "features) or columns (input features) of each matrix: faster steps at "
+                             "LoRA-like budgets, a coarser method (see README)")
     method.add_argument("--keep-deltas-applied", action="store_true",
                         help="SpIEL: keep the deltas written into the base weights while training "
                              "(faster steps at high density, 8 more bytes per delta; the same results)")
