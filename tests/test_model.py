@@ -203,9 +203,10 @@ def _corpus():
     return (starts * 7 + strides * torch.arange(12)[None]) % 64
 
 
-def _train(regrowth, steps=100, seed=0, applied=False):
-    model = get_spiel_model(tiny_llama(seed), SpielConfig(density=0.05, regrowth=regrowth, seed=seed,
-                                                          reselection_steps=10, accumulation_steps=3))
+def _train(regrowth, steps=100, seed=0, applied=False, structure="unstructured", density=0.05):
+    model = get_spiel_model(tiny_llama(seed), SpielConfig(density=density, regrowth=regrowth, seed=seed,
+                                                          reselection_steps=10, accumulation_steps=3,
+                                                          structure=structure))
     opt = model.create_optimizer(lr=1e-2 if regrowth == "ag" else 0.1)
     selector = model.create_selector(opt, total_steps=steps)
     corpus = _corpus()
@@ -243,11 +244,16 @@ def test_same_seed_same_result():
         assert torch.equal(a.values, b.values), n
 
 
-@pytest.mark.parametrize("regrowth", ["ag", "ma"])
-def test_training_inside_applied_deltas_is_bit_identical_and_restores_the_base(regrowth):
-    # 30 steps: AG's and MA's reselections (every 10 steps) move indices inside the block.
-    outside, losses, _ = _train(regrowth, steps=30)
-    inside, applied_losses, changed = _train(regrowth, steps=30, applied=True)
+@pytest.mark.parametrize(
+    ("regrowth", "structure"), [("ag", "unstructured"), ("ma", "unstructured"), ("ma", "rows"), ("ag", "columns")]
+)
+def test_training_inside_applied_deltas_is_bit_identical_and_restores_the_base(regrowth, structure):
+    # 30 steps: AG's and MA's reselections (every 10 steps) move indices inside the block
+    # (whole lines are written and restored line by line there).
+    density = 0.05 if structure == "unstructured" else 0.25  # enough lines to move some
+    outside, losses, _ = _train(regrowth, steps=30, structure=structure, density=density)
+    inside, applied_losses, changed = _train(regrowth, steps=30, applied=True, structure=structure,
+                                             density=density)
     assert changed == len(inside.sparse_deltas())
     assert applied_losses == losses
     for (n, a), b in zip(outside.sparse_deltas().items(), inside.sparse_deltas().values(), strict=True):

@@ -614,7 +614,8 @@ class SpielModel(nn.Module):
         bit for bit on exit (also on an exception). Outputs and gradients are the same.
 
         The price is memory held for the whole block: W's own values at the deltas' positions
-        and a copy of the positions, 8 bytes per float32 delta (int32 indices), which is why it
+        and a copy of the positions, 8 bytes per float32 delta (int32 indices; 4 for whole
+        lines, `SpielConfig.structure`, which keep only their line numbers), which is why it
         is opt-in for training (``SpielTrainer(..., keep_deltas_applied=True)``, or wrap a
         hand-written loop). `generate` always runs inside one. Inside, the targeted base
         weights (and ``state_dict()``) read as ``W + delta``: do not read, save or modify them
@@ -631,7 +632,9 @@ class SpielModel(nn.Module):
                 for layer, weight in layers:
                     combined = layer.combined_delta()
                     if combined is not None:
-                        write_applied(weight, combined.indices, combined.values)
+                        write_applied(
+                            weight, combined.indices, combined.values, combined.line_axis
+                        )
             yield
 
     def restore_base_weights(self) -> None:

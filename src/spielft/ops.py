@@ -143,17 +143,22 @@ def scatter_index(indices: Tensor) -> Tensor:
 class _AppliedDelta:
     """What `applied_deltas` keeps written into one base weight between uses.
 
-    ``saved`` holds W's own values at ``positions`` (None while nothing is written), so the
-    weight is restored bit for bit: 4 bytes per delta for a float32 W, plus the positions'
-    own copy (4 bytes for int32 indices), held for the whole block. ``token`` names the op
-    call whose values W holds, so that call's backward can use W as it is.
+    ``saved`` holds W's own values at the deltas' positions (None while nothing is written),
+    so the weight is restored bit for bit: 4 bytes per delta for a float32 W, held for the
+    whole block. Scattered positions also keep their own copy (``positions``, 4 bytes more
+    for int32 indices); whole lines (``line_axis``) keep only the few line numbers, are
+    written line by line as `_write_deltas` does, and ``saved`` is shaped as those lines.
+    ``token`` names the op call whose values W holds, so that call's backward can use W as
+    it is.
     """
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weakref.ref(weight)
         self.indices: Tensor | None = None  # the caller's index tensor, as last seen
         self.indices_version = -1
-        self.positions: Tensor | None = None  # our own copy of them
+        self.positions: Tensor | None = None  # our own copy of them (scattered positions)
+        self.lines: Tensor | None = None  # the lines they make up (whole lines)
+        self.line_axis: int | None = None
         self.saved: Tensor | None = None
         self.token: object | None = None
         self.weight_version = -1
@@ -161,16 +166,40 @@ class _AppliedDelta:
     def restore(self, weight: Tensor) -> None:
         if self.saved is not None:
             saved = self.saved.to(device=weight.device, dtype=weight.dtype)  # after a .to()
-            weight.view(-1).scatter_(0, scatter_index(self.positions.to(weight.device)), saved)
-        self.indices = self.positions = self.saved = self.token = None
+            if self.line_axis is None:
+                where = scatter_index(self.positions.to(weight.device))
+            else:
+                where = self.lines.to(weight.device)
+            _restore_deltas(weight, where, saved, self.line_axis)
+        self.indices = self.positions = self.lines = self.saved = self.token = None
+        self.line_axis = None
 
-    def write(self, weight: Tensor, indices: Tensor, values: Tensor, token: object | None) -> None:
+    def _holds(self, weight: Tensor, indices: Tensor, line_axis: int | None) -> bool:
+        """Whether W already holds deltas at exactly these positions, written the same way."""
+        if line_axis != self.line_axis:
+            return False
+        if indices is self.indices and indices._version == self.indices_version:
+            return True
+        if indices.numel() != self.saved.numel():
+            return False
+        indices = indices.to(weight.device)
+        if line_axis is None:
+            return torch.equal(indices.to(self.positions.dtype), self.positions)
+        return torch.equal(lines_of(indices, tuple(weight.shape), line_axis), self.lines)
+
+    def write(
+        self,
+        weight: Tensor,
+        indices: Tensor,
+        values: Tensor,
+        token: object | None,
+        line_axis: int | None = None,
+    ) -> None:
         """Make W hold W0 + scatter(indices, values), writing only what is not already there.
 
         The state changes only once the write has succeeded: a failed call (e.g. values of the
         wrong length) leaves the block usable.
         """
-        flat = weight.view(-1)
         if self.saved is not None:
             if weight._version != self.weight_version:
                 raise RuntimeError(
@@ -180,26 +209,30 @@ class _AppliedDelta:
                     "so its pretrained values can no longer be restored exactly. Modify base "
                     "weights outside that block."
                 )
-            if self.saved.device != flat.device or self.saved.dtype != flat.dtype:  # a .to()
-                self.positions = self.positions.to(flat.device)
-                self.saved = self.saved.to(device=flat.device, dtype=flat.dtype)
-            same = indices is self.indices and indices._version == self.indices_version
-            if not same:
-                same = indices.numel() == self.positions.numel() and torch.equal(
-                    indices.to(device=flat.device, dtype=self.positions.dtype), self.positions
-                )
-            if not same:
+            if self.saved.device != weight.device or self.saved.dtype != weight.dtype:  # a .to()
+                for name in ("positions", "lines"):
+                    if getattr(self, name) is not None:
+                        setattr(self, name, getattr(self, name).to(weight.device))
+                self.saved = self.saved.to(device=weight.device, dtype=weight.dtype)
+            if not self._holds(weight, indices, line_axis):
                 self.restore(weight)
             elif token is not None and token is self.token:
                 return  # this op's forward wrote exactly these values
-        if self.saved is None:
+        if self.saved is not None:
+            positions, lines, saved = self.positions, self.lines, self.saved
+        elif line_axis is None:
             # A copy: restoring must not depend on the caller's tensor staying as it is.
-            positions = indices.clone()
-            saved = flat.index_select(0, positions)
+            positions, lines = indices.clone(), None
+            saved = weight.view(-1).index_select(0, positions)
         else:
-            positions, saved = self.positions, self.saved
-        flat.scatter_(0, scatter_index(positions), merged_values(saved, values))
-        self.positions, self.saved = positions, saved
+            positions, lines = None, lines_of(indices, tuple(weight.shape), line_axis)  # fresh
+            saved = weight.index_select(line_axis, lines)
+        merged = merged_values(saved, values.view(saved.shape))
+        if line_axis is None:
+            weight.view(-1).scatter_(0, scatter_index(positions), merged)
+        else:
+            weight.index_copy_(line_axis, lines, merged)
+        self.positions, self.lines, self.saved, self.line_axis = positions, lines, saved, line_axis
         self.indices, self.indices_version = indices, indices._version
         self.token, self.weight_version = token, weight._version
 
@@ -222,7 +255,8 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     W. Inside, a forward writes only the new values (one pass), its backward writes nothing,
     and each weight is restored exactly on exit. The price is memory: W's own values at the
     positions, and the positions, kept for the whole block (8 bytes per float32 delta with one
-    adapter's int32 indices; 12 with several adapters' combined int64 ones). W reads as
+    adapter's int32 indices; 12 with several adapters' combined int64 ones; 4 for whole lines,
+    which keep only their line numbers). W reads as
     ``W + delta`` inside the block; `restore_weight` (what merging and a forward without live
     deltas call) puts W back first. Blocks nest; only the outermost one restores.
     """
@@ -249,12 +283,14 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
             raise failures[0]
 
 
-def write_applied(weight: Tensor, indices: Tensor, values: Tensor) -> None:
+def write_applied(
+    weight: Tensor, indices: Tensor, values: Tensor, line_axis: int | None = None
+) -> None:
     """Inside an `applied_deltas` block, write the deltas into W now (outside one: nothing)."""
     with torch.no_grad(), weight_lock(weight):
         applied = _applied_for(weight)
         if applied is not None:
-            applied.write(weight, indices, values, None)
+            applied.write(weight, indices, values, None, line_axis)
 
 
 def restore_weight(weight: WeightSource) -> None:
@@ -335,7 +371,7 @@ def weight_with_deltas(
         with weight_lock(weight):
             applied = _applied_for(weight)
             if applied is not None:
-                applied.write(weight, indices, values, token)
+                applied.write(weight, indices, values, token, line_axis)
                 yield weight
                 return
             where, saved = _write_deltas(weight, indices, values, line_axis)

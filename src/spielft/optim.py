@@ -230,16 +230,21 @@ class SM3(_KeepStateDtype, torch.optim.Optimizer):
                     _covered_max_(col_acc, cols, nu)
                 else:
                     nu = state["acc"].addcmul_(grad, grad)
-                update = grad / nu.sqrt().add_(eps)
-                if momentum:
-                    buf = state["momentum_buffer"]
-                    buf.mul_(momentum).add_(update, alpha=1 - momentum)
-                    update = buf
-                value = p.float()
+                # A delta's nu is a fresh tensor, used up here: its square root goes in place.
+                # (At LoRA-like budgets these are the step's largest buffers: every pass and
+                # every fresh allocation of them shows in the step time.)
+                denom = (nu.sqrt() if delta is None else nu.sqrt_()).add_(eps)
+                value = p if p.dtype == torch.float32 else p.float()
                 if wd:
                     value.mul_(1 - lr * wd)
-                value.add_(update, alpha=-lr)
-                _write(p, value)
+                if momentum:
+                    buf = state["momentum_buffer"]
+                    buf.mul_(momentum).addcdiv_(grad, denom, value=1 - momentum)
+                    value.add_(buf, alpha=-lr)
+                else:
+                    value.addcdiv_(grad, denom, value=-lr)
+                if value is not p:
+                    _write(p, value)
         return loss
 
     def row_col_scores(self, param: Tensor) -> tuple[Tensor, Tensor] | None:
