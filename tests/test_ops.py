@@ -8,7 +8,14 @@ import torch
 from recording_capture import RecordingCapture
 from spielft import ops
 from spielft.layer import line_positions, random_indices
-from spielft.ops import csr_sddmm, dense_sddmm, gather_sddmm, sddmm, sparse_delta_linear
+from spielft.ops import (
+    csr_sddmm,
+    dense_sddmm,
+    gather_sddmm,
+    merged_values,
+    sddmm,
+    sparse_delta_linear,
+)
 
 
 def _case(out_f, in_f, density, leading, bias, dtype=torch.float64, seed=0):
@@ -283,6 +290,36 @@ def test_a_backward_after_another_forward_writes_its_own_values_back():
     for gx, idx, vals in ((gx1, indices, values), (gx2, indices2, values2)):
         _, (rx, _) = _reference_grads(x, pretrained, b, idx, vals, grad)
         torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
+    assert torch.equal(weight, pretrained)
+
+
+@pytest.mark.parametrize("line_axis", [None, 0])
+def test_applied_deltas_write_unchanged_values_once(monkeypatch, line_axis):
+    """Micro-batches, evaluation and generation reuse what W holds; any in-place change of the
+    values (an optimizer step), or other values, is written before the next use."""
+    weight, b, indices, values, x = _case(13, 11, 0.3, (2, 5), True)
+    if line_axis is not None:
+        indices = _line_case((13, 11), line_axis, 4)
+        values = torch.randn(indices.numel(), dtype=torch.float64, requires_grad=True)
+    pretrained = weight.clone()
+    writes = []
+    monkeypatch.setattr(ops, "merged_values", lambda *a: writes.append(1) or merged_values(*a))
+    grad = torch.randn(2, 5, 13, dtype=torch.float64)
+    with ops.applied_deltas([weight]):
+        for _ in range(3):  # three micro-batches of one step: forward and backward each
+            out = sparse_delta_linear(x, weight, b, indices, values, line_axis=line_axis)
+            gx, gv = torch.autograd.grad(out, (x, values), grad)
+        assert len(writes) == 1
+        ref, (rx, rv) = _reference_grads(x, pretrained, b, indices, values, grad)
+        torch.testing.assert_close((out, gx, gv), (ref, rx, rv), rtol=0, atol=1e-12)
+        with torch.no_grad():
+            values.mul_(2.0)  # an optimizer step, in place: the next forward writes
+            copy = values.clone()  # equal values in another tensor: written too
+        out = sparse_delta_linear(x, weight, b, indices, values, line_axis=line_axis)
+        torch.testing.assert_close(out, _dense_reference(x, pretrained, b, indices, values),
+                                   rtol=0, atol=1e-12)
+        sparse_delta_linear(x, weight, b, indices, copy, line_axis=line_axis)
+        assert len(writes) == 3
     assert torch.equal(weight, pretrained)
 
 

@@ -149,7 +149,9 @@ class _AppliedDelta:
     for int32 indices); whole lines (``line_axis``) keep only the few line numbers, are
     written line by line as `_write_deltas` does, and ``saved`` is shaped as those lines.
     ``token`` names the op call whose values W holds, so that call's backward can use W as
-    it is.
+    it is; ``values_seen`` (the values tensor, its version and storage) lets any later call
+    with the same, unmodified values skip the write: the micro-batches of one optimizer step,
+    evaluation, and every token of `SpielModel.generate` then write nothing.
     """
 
     def __init__(self, weight: Tensor) -> None:
@@ -162,6 +164,7 @@ class _AppliedDelta:
         self.saved: Tensor | None = None
         self.token: object | None = None
         self.weight_version = -1
+        self.values_seen: tuple[weakref.ref, int, int] | None = None
 
     def restore(self, weight: Tensor) -> None:
         if self.saved is not None:
@@ -172,7 +175,7 @@ class _AppliedDelta:
                 where = self.lines.to(weight.device)
             _restore_deltas(weight, where, saved, self.line_axis)
         self.indices = self.positions = self.lines = self.saved = self.token = None
-        self.line_axis = None
+        self.line_axis = self.values_seen = None
 
     def _holds(self, weight: Tensor, indices: Tensor, line_axis: int | None) -> bool:
         """Whether W already holds deltas at exactly these positions, written the same way."""
@@ -218,6 +221,9 @@ class _AppliedDelta:
                 self.restore(weight)
             elif token is not None and token is self.token:
                 return  # this op's forward wrote exactly these values
+            elif self._seen(values):
+                self.token = token  # W holds them already (an in-place change bumps _version)
+                return
         if self.saved is not None:
             positions, lines, saved = self.positions, self.lines, self.saved
         elif line_axis is None:
@@ -235,6 +241,14 @@ class _AppliedDelta:
         self.positions, self.lines, self.saved, self.line_axis = positions, lines, saved, line_axis
         self.indices, self.indices_version = indices, indices._version
         self.token, self.weight_version = token, weight._version
+        self.values_seen = (weakref.ref(values), values._version, values.data_ptr())
+
+    def _seen(self, values: Tensor) -> bool:
+        """Whether W holds exactly these ``values``: the same tensor, not modified since."""
+        if self.values_seen is None:
+            return False
+        ref, version, pointer = self.values_seen
+        return ref() is values and values._version == version and values.data_ptr() == pointer
 
 
 # id(weight) -> its _AppliedDelta, for the weights inside an `applied_deltas` block.
@@ -496,6 +510,30 @@ def sddmm(
     return csr_sddmm(g, xx, indices, shape)
 
 
+def _linear_with_deltas(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    weight: WeightSource,
+    bias: Tensor | None,
+    transposed: bool,
+    line_axis: int | None,
+    token: object | None = None,
+) -> tuple[Tensor, int | None]:
+    """The op's forward: (output, W's base revision read under its lock, see `base_revision`)."""
+    with weight_with_deltas(weight, indices, values, token, line_axis) as w:
+        revision = base_revision(weight)  # under W's lock: no merge in between
+        b = None if bias is None else bias.to(x.dtype)
+        if transposed:  # exactly Conv1D's own computation
+            x2 = x.reshape(-1, x.shape[-1])
+            wt = w.to(x.dtype)
+            out2 = x2 @ wt if b is None else torch.addmm(b, x2, wt)
+            out = out2.view(*x.shape[:-1], out2.shape[-1])
+        else:
+            out = F.linear(x, w.to(x.dtype), b)
+    return out, revision
+
+
 class SparseDeltaLinearFn(torch.autograd.Function):
     """Autograd op for a linear layer with a sparse delta (see the module docstring).
 
@@ -518,16 +556,9 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         line_axis: int | None = None,
     ) -> Tensor:
         ctx.token = object()  # lets backward find W as this forward left it (applied_deltas)
-        with weight_with_deltas(weight, indices, values, ctx.token, line_axis) as w:
-            ctx.base_revision = base_revision(weight)  # under W's lock: no merge in between
-            b = None if bias is None else bias.to(x.dtype)
-            if transposed:  # exactly Conv1D's own computation
-                x2 = x.reshape(-1, x.shape[-1])
-                wt = w.to(x.dtype)
-                out2 = x2 @ wt if b is None else torch.addmm(b, x2, wt)
-                out = out2.view(*x.shape[:-1], out2.shape[-1])
-            else:
-                out = F.linear(x, w.to(x.dtype), b)
+        out, ctx.base_revision = _linear_with_deltas(
+            x, values, indices, weight, bias, transposed, line_axis, ctx.token
+        )
         ctx.save_for_backward(x, values, indices)
         ctx.weight, ctx.has_bias, ctx.captures = weight, bias is not None, tuple(captures)
         ctx.transposed, ctx.grad_dtype, ctx.line_axis = transposed, grad_dtype, line_axis
@@ -612,6 +643,10 @@ def sparse_delta_linear(
     stored weight (`SpielConfig.structure`): the weight is then patched line by line and the
     deltas' gradient is one small dense GEMM (`line_sddmm`). Wrong for any other index set.
     """
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    ):  # evaluation, generation: no graph to record, so no autograd.Function call to pay for
+        return _linear_with_deltas(x, values, indices, weight, bias, bool(transposed), line_axis)[0]
     return SparseDeltaLinearFn.apply(
         x, values, indices, weight, bias, captures, bool(transposed), grad_dtype, line_axis
     )
