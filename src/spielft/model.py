@@ -609,9 +609,12 @@ class SpielModel(nn.Module):
 
         Outside it, every forward and every backward of a targeted layer writes its deltas into
         W at their positions, computes, and writes W's own values back: at LoRA-like densities
-        that touches every cache line of W six times a step. Inside it, a forward writes only
-        the deltas' current values, its backward writes nothing, and every weight is restored
-        bit for bit on exit (also on an exception). Outputs and gradients are the same.
+        that touches every cache line of W six times a step. Inside it, a forward writes the
+        deltas' values only if they changed since W last received them (once per optimizer
+        step; never while evaluating or generating), its backward writes nothing, and every
+        weight is restored bit for bit on exit (also on an exception). Outputs and gradients
+        are the same. A change is seen through the values' version counter: change them in
+        place or with ``copy_``, not through ``.data``, which bypasses it.
 
         The price is memory held for the whole block: W's own values at the deltas' positions
         and a copy of the positions, 8 bytes per float32 delta (int32 indices; 4 for whole

@@ -115,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "LoRA-like budgets, a coarser method (see README)")
     method.add_argument("--keep-deltas-applied", action="store_true",
                         help="SpIEL: keep the deltas written into the base weights while training "
-                             "(faster steps at high density, 8 more bytes per delta; the same results)")
+                             "(faster steps at high density, 8 more bytes per delta, 4 with --structure "
+                             "rows/columns; the same results)")
     method.add_argument("--target-modules", nargs="*", default=None,
                         help="module-name suffixes, e.g. q_proj v_proj (default, or all-linear: every "
                              "linear layer but the output head)")
