@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from recording_capture import RecordingCapture
-from spielft import SpielConfig, SpielModel, get_spiel_model
+from spielft import SpielConfig, SpielModel, get_spiel_model, ops
 from spielft.layer import (
     SparseDelta,
     SpielConv1D,
@@ -333,3 +333,22 @@ def test_embedding_rows_regrow_rows_of_tokens_in_the_batch(regrowth):
     grown = set(delta.lines().tolist()) - before
     assert grown and grown <= set(data.unique().tolist())  # only tokens with a gradient
     assert is_whole_lines(delta.indices, delta.shape, 0)
+
+
+def test_embedding_rows_inside_applied_deltas_are_written_as_lines_and_restored():
+    """The embedding op patches whole rows as lines too, so the block's first write stands."""
+    config = SpielConfig(density=0.1, target_modules=["embed_tokens"], structure="rows")
+    spiel = get_spiel_model(tiny_llama(), config)
+    delta = spiel.sparse_deltas()["model.embed_tokens"]
+    with torch.no_grad():
+        delta.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    weight = spiel.base_model.model.embed_tokens.base_layer.weight
+    pretrained = weight.clone()
+    data = _batch(2, length=8)
+    outside = spiel(input_ids=data).logits
+    with spiel.applied_deltas():
+        inside = spiel(input_ids=data).logits
+        held = ops._applied_for(weight)
+        assert held.line_axis == 0 and held.positions is None  # line numbers only
+    assert torch.equal(inside, outside)
+    assert torch.equal(weight, pretrained)

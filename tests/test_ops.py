@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
 from recording_capture import RecordingCapture
 from spielft import ops
@@ -320,6 +321,44 @@ def test_applied_deltas_write_unchanged_values_once(monkeypatch, line_axis):
                                    rtol=0, atol=1e-12)
         sparse_delta_linear(x, weight, b, indices, copy, line_axis=line_axis)
         assert len(writes) == 3
+    assert torch.equal(weight, pretrained)
+
+
+def test_applied_deltas_see_a_fused_optimizer_step():
+    """torch's fused optimizers leave the version counter alone; their step still re-writes W."""
+    weight, b, indices, _, x = _case(9, 8, 0.3, (4,), False, dtype=torch.float32)
+    pretrained = weight.clone()
+    values = torch.zeros(indices.numel(), requires_grad=True)
+    optimizer = torch.optim.AdamW([values], lr=0.1, fused=True)
+    with ops.applied_deltas([weight]):
+        for _ in range(3):
+            out = sparse_delta_linear(x, weight, b, indices, values)
+            ref = _dense_reference(x, pretrained, b, indices, values)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+            out.square().sum().backward()
+            version = values._version
+            optimizer.step()
+            optimizer.zero_grad()
+        assert values._version == version, "fused: no version bump, so the step count matters"
+        assert values.abs().sum() > 0
+    assert torch.equal(weight, pretrained)
+
+
+def test_applied_deltas_write_again_after_a_dtype_change_of_w():
+    """``module.float()`` inside the block: W is re-written from its own values, not kept as
+    the rounded bf16 W0 + delta."""
+    gen = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(8, 6, generator=gen).bfloat16(), requires_grad=False)
+    pretrained = weight.detach().float()
+    indices = torch.arange(0, 48, 3, dtype=torch.int32)
+    values = torch.full((indices.numel(),), 1e-3, requires_grad=True)  # below bf16's spacing
+    x = torch.randn(2, 6, generator=gen)
+    with torch.no_grad(), ops.applied_deltas([weight]):
+        sparse_delta_linear(x.bfloat16(), weight, None, indices, values)
+        weight.data = weight.data.float()  # what module.float() does
+        out = sparse_delta_linear(x, weight, None, indices, values)
+        torch.testing.assert_close(out, _dense_reference(x, pretrained, None, indices, values),
+                                   rtol=0, atol=1e-6)
     assert torch.equal(weight, pretrained)
 
 

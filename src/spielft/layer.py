@@ -408,6 +408,7 @@ class SpielEmbedding(SpielLayer):
             max_norm=base.max_norm,
             norm_type=base.norm_type,
             scale_grad_by_freq=base.scale_grad_by_freq,
+            line_axis=combined.line_axis,  # whole rows/columns are patched line by line
         )
 
 

@@ -613,8 +613,9 @@ class SpielModel(nn.Module):
         deltas' values only if they changed since W last received them (once per optimizer
         step; never while evaluating or generating), its backward writes nothing, and every
         weight is restored bit for bit on exit (also on an exception). Outputs and gradients
-        are the same. A change is seen through the values' version counter: change them in
-        place or with ``copy_``, not through ``.data``, which bypasses it.
+        are the same. A change is seen through the values' version counter and any
+        ``torch.optim`` step: outside an optimizer, change them in place or with ``copy_``,
+        not through ``.data``, which bypasses the counter.
 
         The price is memory held for the whole block: W's own values at the deltas' positions
         and a copy of the positions, 8 bytes per float32 delta (int32 indices; 4 for whole

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Which SDDMM path is fastest at which density (bench/sddmm.py on the 2-core CPU, SmolLM2's
 # shapes, 1024 tokens; bench/results/sddmm.json): the dense GEMM + gather from
@@ -149,9 +150,10 @@ class _AppliedDelta:
     for int32 indices); whole lines (``line_axis``) keep only the few line numbers, are
     written line by line as `_write_deltas` does, and ``saved`` is shaped as those lines.
     ``token`` names the op call whose values W holds, so that call's backward can use W as
-    it is; ``values_seen`` (the values tensor, its version and storage) lets any later call
-    with the same, unmodified values skip the write: the micro-batches of one optimizer step,
-    evaluation, and every token of `SpielModel.generate` then write nothing.
+    it is; ``values_seen`` (the values tensor, its version and storage, and the optimizer steps
+    taken so far) lets any later call with the same, unmodified values skip the write: the
+    micro-batches of one optimizer step, evaluation, and every token of
+    `SpielModel.generate` then write nothing.
     """
 
     def __init__(self, weight: Tensor) -> None:
@@ -164,7 +166,7 @@ class _AppliedDelta:
         self.saved: Tensor | None = None
         self.token: object | None = None
         self.weight_version = -1
-        self.values_seen: tuple[weakref.ref, int, int] | None = None
+        self.values_seen: tuple[weakref.ref, int, int, int] | None = None
 
     def restore(self, weight: Tensor) -> None:
         if self.saved is not None:
@@ -217,6 +219,7 @@ class _AppliedDelta:
                     if getattr(self, name) is not None:
                         setattr(self, name, getattr(self, name).to(weight.device))
                 self.saved = self.saved.to(device=weight.device, dtype=weight.dtype)
+                self.values_seen = None  # W was converted from what was written: write again
             if not self._holds(weight, indices, line_axis):
                 self.restore(weight)
             elif token is not None and token is self.token:
@@ -241,18 +244,60 @@ class _AppliedDelta:
         self.positions, self.lines, self.saved, self.line_axis = positions, lines, saved, line_axis
         self.indices, self.indices_version = indices, indices._version
         self.token, self.weight_version = token, weight._version
-        self.values_seen = (weakref.ref(values), values._version, values.data_ptr())
+        self.values_seen = (
+            weakref.ref(values), values._version, values.data_ptr(), _OptimizerSteps.count
+        )
 
     def _seen(self, values: Tensor) -> bool:
-        """Whether W holds exactly these ``values``: the same tensor, not modified since."""
+        """Whether W holds exactly these ``values``: the same tensor, not modified since.
+
+        Not modified: no in-place change (its version counter) and no optimizer step since
+        (fused optimizers change values without bumping the version).
+        """
         if self.values_seen is None:
             return False
-        ref, version, pointer = self.values_seen
-        return ref() is values and values._version == version and values.data_ptr() == pointer
+        ref, version, pointer, steps = self.values_seen
+        return (
+            ref() is values
+            and values._version == version
+            and values.data_ptr() == pointer
+            and _OptimizerSteps.count == steps
+        )
 
 
 # id(weight) -> its _AppliedDelta, for the weights inside an `applied_deltas` block.
 _APPLIED: dict[int, _AppliedDelta] = {}
+
+
+class _OptimizerSteps:
+    """Counts every ``torch.optim.Optimizer.step()`` while an `applied_deltas` block is open.
+
+    Part of what `_AppliedDelta` checks before it skips a write: torch's fused optimizers (and
+    others that write through raw pointers) leave a parameter's version counter unchanged, so
+    the version alone would miss their updates. Registered globally (torch's
+    ``register_optimizer_step_post_hook``) only while a block is open.
+    """
+
+    count = 0
+    _blocks = 0
+    _handle = None
+
+    @classmethod
+    def _hook(cls, optimizer: object, args: object, kwargs: object) -> None:
+        cls.count += 1
+
+    @classmethod
+    def open(cls) -> None:  # under _REGISTRY_GUARD
+        if cls._blocks == 0:
+            cls._handle = register_optimizer_step_post_hook(cls._hook)
+        cls._blocks += 1
+
+    @classmethod
+    def close(cls) -> None:  # under _REGISTRY_GUARD
+        cls._blocks -= 1
+        if cls._blocks == 0 and cls._handle is not None:
+            cls._handle.remove()
+            cls._handle = None
 
 
 def _applied_for(weight: Tensor) -> _AppliedDelta | None:
@@ -276,6 +321,7 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     """
     entered = []
     with _REGISTRY_GUARD:
+        _OptimizerSteps.open()
         for weight in weights:
             if _applied_for(weight) is None:
                 _APPLIED[id(weight)] = _AppliedDelta(weight)
@@ -283,6 +329,8 @@ def applied_deltas(weights: Sequence[Tensor]) -> Iterator[None]:
     try:
         yield
     finally:
+        with _REGISTRY_GUARD:
+            _OptimizerSteps.close()
         failures = []
         for weight in entered:  # every weight, even if restoring another one failed
             with weight_lock(weight):
@@ -687,8 +735,9 @@ class SparseDeltaEmbeddingFn(torch.autograd.Function):
         max_norm: float | None,
         norm_type: float,
         scale_grad_by_freq: bool,
+        line_axis: int | None = None,
     ) -> Tensor:
-        with weight_with_deltas(weight, indices, values) as w:
+        with weight_with_deltas(weight, indices, values, line_axis=line_axis) as w:
             out = F.embedding(ids, w)  # a fresh tensor: the rows are copied before the restore
             ctx.shape = tuple(w.shape)
         if max_norm is not None:
@@ -735,7 +784,7 @@ class SparseDeltaEmbeddingFn(torch.autograd.Function):
                     hit = rows[pos] == row_of
                     grad_values[hit] = row_grad[pos[hit], col_of[hit]]
             grad_values = grad_values.to(values.dtype)
-        return None, grad_values, None, None, None, None, None, None, None
+        return None, grad_values, None, None, None, None, None, None, None, None
 
 
 def sparse_delta_embedding(
@@ -748,6 +797,7 @@ def sparse_delta_embedding(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
+    line_axis: int | None = None,
 ) -> Tensor:
     """``F.embedding(ids, W + scatter(indices, values), ...)`` with a row-sparse backward.
 
@@ -755,7 +805,8 @@ def sparse_delta_embedding(
     deltas' gradient matches autograd through ``F.embedding`` on the dense ``W + delta``:
     nothing flows to ``padding_idx``'s row, ``scale_grad_by_freq`` divides by each id's count
     in the batch, and ``max_norm`` rescales the looked-up rows (without modifying W, unlike
-    ``nn.Embedding``), the scale being a constant for autograd as in torch.
+    ``nn.Embedding``), the scale being a constant for autograd as in torch. ``line_axis``
+    (0 or 1) declares whole rows or columns of W, which are then patched line by line.
     """
     return SparseDeltaEmbeddingFn.apply(
         ids,
@@ -767,4 +818,5 @@ def sparse_delta_embedding(
         max_norm,
         norm_type,
         scale_grad_by_freq,
+        line_axis,
     )
