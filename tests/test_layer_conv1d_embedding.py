@@ -349,6 +349,7 @@ def test_embedding_rows_inside_applied_deltas_are_written_as_lines_and_restored(
     with spiel.applied_deltas():
         inside = spiel(input_ids=data).logits
         held = ops._applied_for(weight)
-        assert held.line_axis == 0 and held.positions is None  # line numbers only
+        assert held.line_axis == 0  # line numbers only, not the positions
+        assert torch.equal(held.where, delta.lines().to(held.where.dtype))
     assert torch.equal(inside, outside)
     assert torch.equal(weight, pretrained)

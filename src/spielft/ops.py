@@ -144,24 +144,22 @@ def scatter_index(indices: Tensor) -> Tensor:
 class _AppliedDelta:
     """What `applied_deltas` keeps written into one base weight between uses.
 
-    ``saved`` holds W's own values at the deltas' positions (None while nothing is written),
-    so the weight is restored bit for bit: 4 bytes per delta for a float32 W, held for the
-    whole block. Scattered positions also keep their own copy (``positions``, 4 bytes more
-    for int32 indices); whole lines (``line_axis``) keep only the few line numbers, are
-    written line by line as `_write_deltas` does, and ``saved`` is shaped as those lines.
-    ``token`` names the op call whose values W holds, so that call's backward can use W as
-    it is; ``values_seen`` (the values tensor, its version and storage, and the optimizer steps
-    taken so far) lets any later call with the same, unmodified values skip the write: the
-    micro-batches of one optimizer step, evaluation, and every token of
-    `SpielModel.generate` then write nothing.
+    ``saved`` holds W's own values at ``where`` (None while nothing is written), so the
+    weight is restored bit for bit: 4 bytes per delta for a float32 W, held for the whole
+    block. ``where`` is our own copy of the positions (4 bytes more per delta for int32
+    indices), or, for whole lines (``line_axis``), only the few line numbers, written line by
+    line as `_write_deltas` does. ``token`` names the op call whose values W holds, so that
+    call's backward can use W as it is; ``values_seen`` (the values tensor, its version and
+    storage, and the optimizer steps taken so far) lets any later call with the same,
+    unmodified values skip the write: the micro-batches of one optimizer step, evaluation, and
+    every token of `SpielModel.generate` then write nothing.
     """
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weakref.ref(weight)
         self.indices: Tensor | None = None  # the caller's index tensor, as last seen
         self.indices_version = -1
-        self.positions: Tensor | None = None  # our own copy of them (scattered positions)
-        self.lines: Tensor | None = None  # the lines they make up (whole lines)
+        self.where: Tensor | None = None  # our own copy of the positions, or the lines
         self.line_axis: int | None = None
         self.saved: Tensor | None = None
         self.token: object | None = None
@@ -171,12 +169,8 @@ class _AppliedDelta:
     def restore(self, weight: Tensor) -> None:
         if self.saved is not None:
             saved = self.saved.to(device=weight.device, dtype=weight.dtype)  # after a .to()
-            if self.line_axis is None:
-                where = scatter_index(self.positions.to(weight.device))
-            else:
-                where = self.lines.to(weight.device)
-            _restore_deltas(weight, where, saved, self.line_axis)
-        self.indices = self.positions = self.lines = self.saved = self.token = None
+            _put(weight, self.where.to(weight.device), saved, self.line_axis)
+        self.indices = self.where = self.saved = self.token = None
         self.line_axis = self.values_seen = None
 
     def _holds(self, weight: Tensor, indices: Tensor, line_axis: int | None) -> bool:
@@ -187,10 +181,8 @@ class _AppliedDelta:
             return True
         if indices.numel() != self.saved.numel():
             return False
-        indices = indices.to(weight.device)
-        if line_axis is None:
-            return torch.equal(indices.to(self.positions.dtype), self.positions)
-        return torch.equal(lines_of(indices, tuple(weight.shape), line_axis), self.lines)
+        where = _where(indices.to(weight.device), tuple(weight.shape), line_axis)
+        return torch.equal(where.to(self.where.dtype), self.where)
 
     def write(
         self,
@@ -215,9 +207,7 @@ class _AppliedDelta:
                     "weights outside that block."
                 )
             if self.saved.device != weight.device or self.saved.dtype != weight.dtype:  # a .to()
-                for name in ("positions", "lines"):
-                    if getattr(self, name) is not None:
-                        setattr(self, name, getattr(self, name).to(weight.device))
+                self.where = self.where.to(weight.device)
                 self.saved = self.saved.to(device=weight.device, dtype=weight.dtype)
                 self.values_seen = None  # W was converted from what was written: write again
             if not self._holds(weight, indices, line_axis):
@@ -228,20 +218,15 @@ class _AppliedDelta:
                 self.token = token  # W holds them already (an in-place change bumps _version)
                 return
         if self.saved is not None:
-            positions, lines, saved = self.positions, self.lines, self.saved
-        elif line_axis is None:
-            # A copy: restoring must not depend on the caller's tensor staying as it is.
-            positions, lines = indices.clone(), None
-            saved = weight.view(-1).index_select(0, positions)
+            where, saved = self.where, self.saved
         else:
-            positions, lines = None, lines_of(indices, tuple(weight.shape), line_axis)  # fresh
-            saved = weight.index_select(line_axis, lines)
-        merged = merged_values(saved, values.view(saved.shape))
-        if line_axis is None:
-            weight.view(-1).scatter_(0, scatter_index(positions), merged)
-        else:
-            weight.index_copy_(line_axis, lines, merged)
-        self.positions, self.lines, self.saved, self.line_axis = positions, lines, saved, line_axis
+            # A copy: restoring must not depend on the caller's tensor staying as it is
+            # (lines_of builds a fresh tensor; scatter_index may return ``indices`` itself).
+            where = _where(indices if line_axis is not None else indices.clone(),
+                           tuple(weight.shape), line_axis)
+            saved = _read(weight, where, line_axis)
+        _put(weight, where, merged_values(saved, values.view(saved.shape)), line_axis)
+        self.where, self.saved, self.line_axis = where, saved, line_axis
         self.indices, self.indices_version = indices, indices._version
         self.token, self.weight_version = token, weight._version
         self.values_seen = (
@@ -377,31 +362,39 @@ def lines_of(indices: Tensor, shape: tuple[int, int], axis: int) -> Tensor:
     return indices[: indices.numel() // shape[0]].long() % cols
 
 
-def _write_deltas(
-    weight: Tensor, indices: Tensor, values: Tensor, line_axis: int | None
-) -> tuple[Tensor, Tensor]:
-    """W[indices] = W[indices] + values in place; returns (where, W's values there) to restore.
+def _where(indices: Tensor, shape: tuple[int, int], line_axis: int | None) -> Tensor:
+    """Where the deltas go, as `_put` takes it: flat positions, or the whole lines they make."""
+    return scatter_index(indices) if line_axis is None else lines_of(indices, shape, line_axis)
+
+
+def _read(weight: Tensor, where: Tensor, line_axis: int | None) -> Tensor:
+    """W's values at ``where`` (shaped as the lines for whole lines)."""
+    if line_axis is None:
+        return weight.view(-1).index_select(0, where)
+    return weight.index_select(line_axis, where)
+
+
+def _put(weight: Tensor, where: Tensor, values: Tensor, line_axis: int | None) -> None:
+    """W[where] = values in place.
 
     Whole lines are copied line by line (`index_copy_`), about 8x faster than a flat scatter
     for rows (contiguous) and 2x for columns; any other set goes through the flat scatter
-    (index_select/scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU).
+    (scatter_ rather than flat[idx] = ...: ~10-40x faster on CPU).
     """
     if line_axis is None:
-        where, flat = scatter_index(indices), weight.view(-1)
-        saved = flat.index_select(0, where)
-        flat.scatter_(0, where, merged_values(saved, values))
+        weight.view(-1).scatter_(0, where, values)
     else:
-        where = lines_of(indices, tuple(weight.shape), line_axis)
-        saved = weight.index_select(line_axis, where)
-        weight.index_copy_(line_axis, where, merged_values(saved, values.view(saved.shape)))
+        weight.index_copy_(line_axis, where, values)
+
+
+def _write_deltas(
+    weight: Tensor, indices: Tensor, values: Tensor, line_axis: int | None
+) -> tuple[Tensor, Tensor]:
+    """W[indices] = W[indices] + values in place; returns (where, W's values there) to restore."""
+    where = _where(indices, tuple(weight.shape), line_axis)
+    saved = _read(weight, where, line_axis)
+    _put(weight, where, merged_values(saved, values.view(saved.shape)), line_axis)
     return where, saved
-
-
-def _restore_deltas(weight: Tensor, where: Tensor, saved: Tensor, line_axis: int | None) -> None:
-    if line_axis is None:
-        weight.view(-1).scatter_(0, where, saved)
-    else:
-        weight.index_copy_(line_axis, where, saved)
 
 
 @contextmanager
@@ -440,7 +433,7 @@ def weight_with_deltas(
             try:
                 yield weight
             finally:
-                _restore_deltas(weight, where, saved, line_axis)
+                _put(weight, where, saved, line_axis)
 
 
 def gemm_dtype_for(operand_dtype: torch.dtype, grad_dtype: torch.dtype | None) -> torch.dtype | None:
