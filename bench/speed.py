@@ -19,6 +19,15 @@ GEMM behind the weight gradient in bfloat16, everything else as in ``spiel-ag``/
 stay written into W between steps instead of being written and restored in every forward and
 backward.
 
+Each method's kernel (system) seconds and minor page faults per step are recorded too: with
+glibc's malloc a step's large tensors come from fresh pages that the kernel faults in, which
+on a 2-core EPYC was a third of the floor's step and compresses every ratio to it. To time
+with an allocator that keeps its pages, as a GPU's caching allocator does (Debian's
+libjemalloc2):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
+    MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python bench/speed.py ...
+
 Results go to bench/results/*.json.
 """
 
@@ -128,11 +137,18 @@ class Method:
                 self.context.enter_context(model.applied_deltas())
         self.model = model
         self.times: list[float] = []
+        # Per step: CPU seconds spent in the kernel, and minor page faults. With glibc's malloc
+        # a step's large tensors come from fresh pages, faulted in (and zeroed) by the kernel:
+        # on a 2-core EPYC about a third of the floor's step; an allocator that keeps its pages
+        # (jemalloc with no decay, as a GPU's caching allocator does) leaves almost none.
+        self.kernel_seconds: list[float] = []
+        self.page_faults: list[int] = []
 
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def step(self, batch: torch.Tensor) -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         if self.name == "floor":
             embeds = self.model.get_input_embeddings()(batch).detach().requires_grad_(True)
@@ -144,13 +160,17 @@ class Method:
                 self.selector.step()
             self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
         self.times.append(elapsed)
+        self.kernel_seconds.append(after.ru_stime - before.ru_stime)
+        self.page_faults.append(after.ru_minflt - before.ru_minflt)
         return elapsed
 
     def summary(self) -> dict[str, Any]:
         """Leave the method's training context; its step times and training-state figures."""
         self.context.close()
-        return {"times": self.times, "trainable_params": self.trainable(),
+        return {"times": self.times, "kernel_seconds": self.kernel_seconds,
+                "page_faults": self.page_faults, "trainable_params": self.trainable(),
                 "state_bytes_per_param": self.state_bytes_per_param()}
 
     def state_bytes_per_param(self) -> float:
@@ -257,7 +277,11 @@ def time_methods(args: argparse.Namespace, density_budget: int | None = None) ->
                  else statistics.median(timed))
         out["methods"][m.name] = {"step_seconds": value, "trainable_params": summary["trainable_params"],
                                   "state_bytes_per_param": summary["state_bytes_per_param"],
-                                  "all_step_seconds": timed}
+                                  "all_step_seconds": timed,
+                                  "kernel_seconds_median": statistics.median(
+                                      summary["kernel_seconds"][args.warmup:]),
+                                  "page_faults_median": statistics.median(
+                                      summary["page_faults"][args.warmup:])}
     ref = out["methods"]
     for row in ref.values():
         if "lora" in ref:
@@ -351,7 +375,8 @@ def main() -> None:
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
         # Allocator and threading settings change both time and peak RSS: record them.
-        "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_"))},
+        "environment": {k: v for k, v in os.environ.items()
+                        if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))},
         "model": args.model if args.model != "synthetic" else f"synthetic-llama-h{args.hidden}-l{args.layers}",
         "batch": [args.batch, args.seq], "rank": args.rank,
         "processes": "one" if args.one_process else "one per method",
@@ -376,11 +401,13 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     rows = result["at_lora_budget"]["methods"]
     print(f"\n{result['model']}, batch {args.batch}x{args.seq}, budget {result['at_lora_budget']['budget']:,}")
-    print(f"{'method':10} {'step s':>8} {'x LoRA':>7} {'x floor':>8} {'B/param':>8} {'RSS MiB':>8}")
+    print(f"{'method':10} {'step s':>8} {'x LoRA':>7} {'x floor':>8} {'B/param':>8} {'RSS MiB':>8}"
+          f" {'kernel s':>8} {'faults':>8}")
     for name, row in rows.items():
         print(f"{name:10} {row['step_seconds']:8.2f} {row.get('ratio_to_lora', float('nan')):7.2f} "
               f"{row.get('ratio_to_floor', float('nan')):8.2f} {row['state_bytes_per_param']:8.1f} "
-              f"{row.get('peak_rss_mib', float('nan')):8.0f}")
+              f"{row.get('peak_rss_mib', float('nan')):8.0f} {row['kernel_seconds_median']:8.2f} "
+              f"{row['page_faults_median']:8.0f}")
     print(f"wrote {path}")
 
 

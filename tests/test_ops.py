@@ -478,6 +478,45 @@ def test_whole_lines_with_dense_capture_give_the_same_gradient():
     torch.testing.assert_close(with_capture, without)
 
 
+def _saved_shapes(run):
+    """The shapes of the tensors autograd saves while ``run()`` builds its graph."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lines_across_the_input_features_save_only_those_features(transposed):
+    """Columns (rows of a transposed weight) keep the lines' features of x for backward, not
+    x; with a capture (a selection window) x is kept whole; with frozen values, nothing."""
+    weight, b, _, _, x = _case(13, 11, 0.1, (2, 5), True)
+    stored = weight.T.contiguous() if transposed else weight
+    axis = 0 if transposed else 1  # the input features' axis of the stored weight
+    indices = _line_case(tuple(stored.shape), axis, 3)
+    values = torch.randn(indices.numel(), dtype=torch.float64, requires_grad=True)
+
+    def run(vals, captures=()):
+        return lambda: sparse_delta_linear(x, stored, b, indices, vals, captures,
+                                           transposed=transposed, line_axis=axis)
+
+    assert (10, 3) in _saved_shapes(run(values))
+    assert (2, 5, 11) not in _saved_shapes(run(values))
+    assert (2, 5, 11) in _saved_shapes(run(values, [RecordingCapture(dense=True)]))
+    assert (2, 5, 11) not in _saved_shapes(run(values.detach()))
+    # and the output-feature lines still need all of x
+    other = _line_case(tuple(stored.shape), 1 - axis, 3)
+    saved = _saved_shapes(lambda: sparse_delta_linear(
+        x, stored, b, other, torch.randn(other.numel(), dtype=torch.float64, requires_grad=True),
+        transposed=transposed, line_axis=1 - axis))
+    assert (2, 5, 11) in saved
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_whole_lines_inside_applied_deltas(axis):
     """The applied block writes whole lines as any entries; gradients stay the line GEMM's."""

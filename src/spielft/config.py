@@ -135,7 +135,8 @@ class SpielConfig:
             gradient over the window, estimated from random projections (SM3's accumulators
             only cover active lines). The deltas' gradient of a linear layer is then one small
             dense GEMM over the chosen lines instead of a sampled matmul, and its weight is
-            patched line by line: cheaper at LoRA-like budgets (``bench/speed.py``), a
+            patched line by line: cheaper at LoRA-like budgets (``bench/speed.py``; columns
+            also keep only their own input features for backward), a
             coarser method than SpIEL's single weights (quality: ``bench/README.md``). Each
             matrix gets its share of the budget rounded to whole lines (at least one; a warning
             says when that moves the total by over 10%), and an update swaps

@@ -575,6 +575,38 @@ def _linear_with_deltas(
     return out, revision
 
 
+def _deltas_grad(
+    g2: Tensor,
+    x2: Tensor,
+    indices: Tensor,
+    captures: Sequence[GradCapture],
+    transposed: bool,
+    line_axis: int | None,
+    gemm: torch.dtype | None,
+) -> Tensor:
+    """The deltas' gradient from the 2-D output gradient and input, feeding the captures."""
+    out_features, in_features = g2.shape[1], x2.shape[1]
+    # Rows/columns of the stored weight: (out, in), or (in, out) when transposed.
+    left, right = (x2, g2) if transposed else (g2, x2)
+    stored = (in_features, out_features) if transposed else (out_features, in_features)
+    dense = None
+    if captures:
+        if any(c.wants_dense_grad for c in captures):
+            dense = weight_grad(left, right, gemm).float()
+        input_ms = None
+        if any(c.wants_input_stats for c in captures):
+            ms = x2.float().square().mean(0)
+            input_ms = ms[:, None] if transposed else ms[None, :]
+        for capture in captures:
+            capture(dense, input_ms, (left, right) if capture.wants_factors else None)
+    if dense is not None:
+        return dense.view(-1).index_select(0, indices)
+    if line_axis is not None:
+        lines = lines_of(indices, stored, line_axis)
+        return line_sddmm(left, right, lines, line_axis, gemm)
+    return sddmm(left, right, indices, stored, gemm)
+
+
 class SparseDeltaLinearFn(torch.autograd.Function):
     """Autograd op for a linear layer with a sparse delta (see the module docstring).
 
@@ -600,19 +632,29 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         out, ctx.base_revision = _linear_with_deltas(
             x, values, indices, weight, bias, transposed, line_axis, ctx.token
         )
-        ctx.save_for_backward(x, values, indices)
         ctx.weight, ctx.has_bias, ctx.captures = weight, bias is not None, tuple(captures)
         ctx.transposed, ctx.grad_dtype, ctx.line_axis = transposed, grad_dtype, line_axis
         # (out_features, in_features) of the computation, whatever the storage layout.
         ctx.shape = (out.shape[-1], x.shape[-1])
+        ctx.x_shape = x.shape
+        # Only the deltas' gradient (and the captures) read x. Whole lines across the input
+        # features (columns of an (out, in) weight, rows of a transposed one) read only those
+        # features: they are saved instead of x (at LoRA r=64's count 18% of it, and q/k/v's
+        # shared input is no longer held). With captures (selection windows) x is saved whole.
+        ctx.input_lines = line_axis == (0 if transposed else 1) and not ctx.captures
+        saved_x = x if ctx.needs_input_grad[1] else None
+        if saved_x is not None and ctx.input_lines:
+            stored = (ctx.shape[1], ctx.shape[0]) if transposed else ctx.shape
+            lines = lines_of(indices, stored, line_axis)
+            saved_x = x.reshape(-1, x.shape[-1]).index_select(1, lines)
+        ctx.save_for_backward(saved_x, values, indices)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, values, indices = ctx.saved_tensors
+        x, values, indices = ctx.saved_tensors  # x: only its lines' features, see forward
         out_features, in_features = ctx.shape
         g2 = grad_out.reshape(-1, out_features)
-        x2 = x.reshape(-1, in_features)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             with weight_with_deltas(ctx.weight, indices, values, ctx.token, ctx.line_axis) as w:
@@ -624,29 +666,17 @@ class SparseDeltaLinearFn(torch.autograd.Function):
                         "merge()/unmerge() before the forward pass or after the backward pass."
                     )
                 wt = w.to(g2.dtype)
-                grad_x = (g2 @ (wt.T if ctx.transposed else wt)).view(x.shape)
+                grad_x = (g2 @ (wt.T if ctx.transposed else wt)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            # Rows/columns of the stored weight: (out, in), or (in, out) when transposed.
-            left, right = (x2, g2) if ctx.transposed else (g2, x2)
             gemm = gemm_dtype_for(g2.dtype, ctx.grad_dtype)
-            dense = None
-            if ctx.captures:
-                if any(c.wants_dense_grad for c in ctx.captures):
-                    dense = weight_grad(left, right, gemm).float()
-                input_ms = None
-                if any(c.wants_input_stats for c in ctx.captures):
-                    ms = x2.float().square().mean(0)
-                    input_ms = ms[:, None] if ctx.transposed else ms[None, :]
-                for capture in ctx.captures:
-                    capture(dense, input_ms, (left, right) if capture.wants_factors else None)
-            stored = (in_features, out_features) if ctx.transposed else ctx.shape
-            if dense is not None:
-                grad_values = dense.view(-1).index_select(0, indices)
-            elif ctx.line_axis is not None:
-                lines = lines_of(indices, stored, ctx.line_axis)
-                grad_values = line_sddmm(left, right, lines, ctx.line_axis, gemm)
+            if ctx.input_lines:  # x holds only the lines' input features: one GEMM
+                left, right = (x, g2) if ctx.transposed else (g2, x)
+                grad_values = weight_grad(left, right, gemm).view(-1)
             else:
-                grad_values = sddmm(left, right, indices, stored, gemm)
+                grad_values = _deltas_grad(
+                    g2, x.reshape(-1, in_features), indices, ctx.captures, ctx.transposed,
+                    ctx.line_axis, gemm,
+                )
             grad_values = grad_values.to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = g2.sum(0)
