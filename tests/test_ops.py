@@ -509,12 +509,28 @@ def test_lines_across_the_input_features_save_only_those_features(transposed):
     assert (2, 5, 11) not in _saved_shapes(run(values))
     assert (2, 5, 11) in _saved_shapes(run(values, [RecordingCapture(dense=True)]))
     assert (2, 5, 11) not in _saved_shapes(run(values.detach()))
+    # over a third of the features, q/k/v's copies would outweigh their shared x: x it is
+    many = _line_case(tuple(stored.shape), axis, 4)
+    saved = _saved_shapes(lambda: sparse_delta_linear(
+        x, stored, b, many, torch.randn(many.numel(), dtype=torch.float64, requires_grad=True),
+        transposed=transposed, line_axis=axis))
+    assert (2, 5, 11) in saved and (10, 4) not in saved
     # and the output-feature lines still need all of x
     other = _line_case(tuple(stored.shape), 1 - axis, 3)
     saved = _saved_shapes(lambda: sparse_delta_linear(
         x, stored, b, other, torch.randn(other.numel(), dtype=torch.float64, requires_grad=True),
         transposed=transposed, line_axis=1 - axis))
     assert (2, 5, 11) in saved
+
+
+def test_a_second_derivative_through_the_op_is_refused():
+    """W is patched under no_grad, so the input gradient has no graph to the values: a second
+    derivative would silently miss terms, and autograd says so instead."""
+    weight, b, indices, values, x = _case(9, 7, 0.3, (4,), True)
+    out = sparse_delta_linear(x, weight, b, indices, values)
+    (grad_values,) = torch.autograd.grad(out.square().sum(), values, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_values.sum().backward()
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Which SDDMM path is fastest at which density (bench/sddmm.py on the 2-core CPU, SmolLM2's
@@ -639,20 +640,27 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         ctx.x_shape = x.shape
         # Only the deltas' gradient (and the captures) read x. Whole lines across the input
         # features (columns of an (out, in) weight, rows of a transposed one) read only those
-        # features: they are saved instead of x (at LoRA r=64's count 18% of it, and q/k/v's
-        # shared input is no longer held). With captures (selection windows) x is saved whole.
-        ctx.input_lines = line_axis == (0 if transposed else 1) and not ctx.captures
-        saved_x = x if ctx.needs_input_grad[1] else None
-        if saved_x is not None and ctx.input_lines:
+        # features: up to a third of them, they are saved instead of x (at LoRA r=64's count
+        # 18% of it, and q/k/v's shared input is no longer held; above a third, the copies of
+        # q, k and v would outweigh the one x they share). With captures (selection windows),
+        # or no gradient to compute for the values, x is saved whole, or not at all.
+        lines = None
+        if ctx.needs_input_grad[1] and line_axis == (0 if transposed else 1) and not ctx.captures:
             stored = (ctx.shape[1], ctx.shape[0]) if transposed else ctx.shape
             lines = lines_of(indices, stored, line_axis)
+            if 3 * lines.numel() > ctx.shape[1]:
+                lines = None
+        ctx.input_lines = lines is not None
+        saved_x = x if ctx.needs_input_grad[1] else None
+        if lines is not None:
             saved_x = x.reshape(-1, x.shape[-1]).index_select(1, lines)
         ctx.save_for_backward(saved_x, values, indices)
         return out
 
     @staticmethod
+    @once_differentiable  # W is patched under no_grad: no second derivative through values
     def backward(ctx, grad_out: Tensor):
-        x, values, indices = ctx.saved_tensors  # x: only its lines' features, see forward
+        x, values, indices = ctx.saved_tensors  # x: maybe only its lines' features, see forward
         out_features, in_features = ctx.shape
         g2 = grad_out.reshape(-1, out_features)
         grad_x = grad_values = grad_bias = None
