@@ -14,7 +14,8 @@ accumulation windows (dense weight gradients) and updates are included in its av
 ``spiel-ag-bf16`` and ``spiel-ma-bf16`` are SpIEL with ``weight_grad_dtype="bfloat16"``: the
 GEMM behind the weight gradient in bfloat16, everything else as in ``spiel-ag``/``spiel-ma``.
 ``spiel-ag-rows``, ``spiel-ma-columns`` etc. train whole rows or columns of each matrix
-(``SpielConfig.structure``), at the same budget rounded to whole lines. An ``-applied`` suffix (e.g. ``spiel-ma-applied``, not in the default set) trains inside
+(``SpielConfig.structure``), at the same budget rounded to whole lines (``spiel-ma-columns-bf16``
+with the bfloat16 weight gradient too). An ``-applied`` suffix (e.g. ``spiel-ma-applied``, not in the default set) trains inside
 ``SpielModel.applied_deltas()`` (``SpielTrainer(keep_deltas_applied=True)``), where the deltas
 stay written into W between steps instead of being written and restored in every forward and
 backward.
@@ -56,7 +57,7 @@ from spielft import SpielConfig, get_spiel_model
 RESULTS = Path(__file__).parent / "results"
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["floor", "lora", "shira", "full", "spiel-ag", "spiel-ma", "spiel-ag-bf16", "spiel-ma-bf16"]
-STRUCTURED = [f"spiel-{r}-{s}" for s in ("rows", "columns") for r in ("ag", "ma")]
+STRUCTURED = [f"spiel-{r}-{s}{b}" for b in ("", "-bf16") for s in ("rows", "columns") for r in ("ag", "ma")]
 CHOICES = METHODS + STRUCTURED + [
     f"{m}-applied" for m in METHODS + STRUCTURED if m.startswith("spiel")
 ]

@@ -523,6 +523,42 @@ def test_lines_across_the_input_features_save_only_those_features(transposed):
     assert (2, 5, 11) in saved
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lines_of_input_features_are_saved_in_bfloat16_for_a_bfloat16_gemm(transposed):
+    """With a bf16 weight-gradient GEMM the saved features are the rounded operand itself (half
+    the bytes), and the gradient is still the rounded operands' product; float32 stays exact."""
+    weight, b, _, _, x = _case(13, 11, 0.1, (2, 5), True, dtype=torch.float32)
+    stored = weight.T.contiguous() if transposed else weight
+    axis = 0 if transposed else 1
+    indices = _line_case(tuple(stored.shape), axis, 3)
+    values = torch.randn(indices.numel(), requires_grad=True)
+    dtypes = []
+
+    def pack(tensor):
+        dtypes.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    outs = {}
+    for grad_dtype in (torch.bfloat16, torch.float32):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outs[grad_dtype] = sparse_delta_linear(x, stored, b, indices, values, transposed=transposed,
+                                                   grad_dtype=grad_dtype, line_axis=axis)
+    assert ((10, 3), torch.bfloat16) in dtypes and ((10, 3), torch.float32) in dtypes
+    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], rtol=0, atol=0)
+    grad = torch.randn_like(outs[torch.float32])
+    (low,) = torch.autograd.grad(outs[torch.bfloat16], values, grad)
+    (exact,) = torch.autograd.grad(outs[torch.float32], values, grad)
+    assert low.dtype == torch.float32
+    left, right = (x, grad) if transposed else (grad, x)
+    shape = tuple(stored.shape)
+    rounded = _bf16_rounded_grad(left, right.reshape(-1, shape[1]), indices, *shape)
+    torch.testing.assert_close(low.double(), rounded, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(exact.double(), (left.reshape(-1, shape[0]).double().T
+                                                @ right.reshape(-1, shape[1]).double()
+                                                ).view(-1)[indices.long()], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(low, exact), "the bf16 GEMM was not used"
+
+
 def test_a_second_derivative_through_the_op_is_refused():
     """W is patched under no_grad, so the input gradient has no graph to the values: a second
     derivative would silently miss terms, and autograd says so instead."""

@@ -456,7 +456,7 @@ def weight_grad(left: Tensor, right: Tensor, gemm_dtype: torch.dtype | None = No
     mixed-precision training does for every weight gradient: half the time on hardware with
     bf16 units, a relative error of about 2**-8 per entry.
     """
-    dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if torch.float64 in (left.dtype, right.dtype) else torch.float32
     if gemm_dtype == torch.bfloat16:
         return (left.to(gemm_dtype).T @ right.to(gemm_dtype)).to(dtype)
     return left.to(dtype).T @ right.to(dtype)
@@ -643,7 +643,9 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         # features: up to a third of them, they are saved instead of x (at LoRA r=64's count
         # 18% of it, and q/k/v's shared input is no longer held; above a third, the copies of
         # q, k and v would outweigh the one x they share). With captures (selection windows),
-        # or no gradient to compute for the values, x is saved whole, or not at all.
+        # or no gradient to compute for the values, x is saved whole, or not at all. With a
+        # bfloat16 weight-gradient GEMM the copy is kept in bfloat16: half the bytes, and the
+        # backward skips rounding it.
         lines = None
         if ctx.needs_input_grad[1] and line_axis == (0 if transposed else 1) and not ctx.captures:
             stored = (ctx.shape[1], ctx.shape[0]) if transposed else ctx.shape
@@ -654,6 +656,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         saved_x = x if ctx.needs_input_grad[1] else None
         if lines is not None:
             saved_x = x.reshape(-1, x.shape[-1]).index_select(1, lines)
+            saved_x = saved_x.to(gemm_dtype_for(x.dtype, grad_dtype) or x.dtype)
         ctx.save_for_backward(saved_x, values, indices)
         return out
 
