@@ -523,40 +523,60 @@ def test_lines_across_the_input_features_save_only_those_features(transposed):
     assert (2, 5, 11) in saved
 
 
+def _saved_dtypes(run):
+    """The (shape, dtype) of each tensor autograd saves while ``run()`` builds its graph."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    return out, saved
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_lines_of_input_features_are_saved_in_bfloat16_for_a_bfloat16_gemm(transposed):
     """With a bf16 weight-gradient GEMM the saved features are the rounded operand itself (half
-    the bytes), and the gradient is still the rounded operands' product; float32 stays exact."""
+    the bytes), and the gradient is still the rounded operands' product; float32 stays exact,
+    and "auto" (None) follows the dtype the layer computes in, autocast included."""
     weight, b, _, _, x = _case(13, 11, 0.1, (2, 5), True, dtype=torch.float32)
     stored = weight.T.contiguous() if transposed else weight
     axis = 0 if transposed else 1
     indices = _line_case(tuple(stored.shape), axis, 3)
     values = torch.randn(indices.numel(), requires_grad=True)
-    dtypes = []
 
-    def pack(tensor):
-        dtypes.append((tuple(tensor.shape), tensor.dtype))
-        return tensor
+    def run(grad_dtype, inputs=x):
+        return lambda: sparse_delta_linear(inputs, stored, b, indices, values,
+                                           transposed=transposed, grad_dtype=grad_dtype,
+                                           line_axis=axis)
 
-    outs = {}
-    for grad_dtype in (torch.bfloat16, torch.float32):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            outs[grad_dtype] = sparse_delta_linear(x, stored, b, indices, values, transposed=transposed,
-                                                   grad_dtype=grad_dtype, line_axis=axis)
-    assert ((10, 3), torch.bfloat16) in dtypes and ((10, 3), torch.float32) in dtypes
-    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], rtol=0, atol=0)
-    grad = torch.randn_like(outs[torch.float32])
-    (low,) = torch.autograd.grad(outs[torch.bfloat16], values, grad)
-    (exact,) = torch.autograd.grad(outs[torch.float32], values, grad)
-    assert low.dtype == torch.float32
+    low, saved = _saved_dtypes(run(torch.bfloat16))
+    assert ((10, 3), torch.bfloat16) in saved and ((10, 3), torch.float32) not in saved
+    exact, saved = _saved_dtypes(run(torch.float32))
+    assert ((10, 3), torch.float32) in saved and ((10, 3), torch.bfloat16) not in saved
+    assert ((10, 3), torch.float32) in _saved_dtypes(run(None))[1]  # auto on float32: exact
+    xb = x.detach().bfloat16().requires_grad_()
+    assert ((10, 3), torch.bfloat16) in _saved_dtypes(run(None, xb))[1]  # auto on bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 x, bf16 output and GEMM
+        autocast, saved = _saved_dtypes(run(None))
+    assert autocast.dtype == torch.bfloat16 and ((10, 3), torch.bfloat16) in saved
+    torch.testing.assert_close(low, exact, rtol=0, atol=0)
+    grad = torch.randn_like(exact)
+    (low_grad,) = torch.autograd.grad(low, values, grad)
+    (exact_grad,) = torch.autograd.grad(exact, values, grad)
+    (autocast_grad,) = torch.autograd.grad(autocast, values, grad.bfloat16())
+    assert low_grad.dtype == torch.float32
     left, right = (x, grad) if transposed else (grad, x)
     shape = tuple(stored.shape)
     rounded = _bf16_rounded_grad(left, right.reshape(-1, shape[1]), indices, *shape)
-    torch.testing.assert_close(low.double(), rounded, rtol=2**-8, atol=1e-6)
-    torch.testing.assert_close(exact.double(), (left.reshape(-1, shape[0]).double().T
-                                                @ right.reshape(-1, shape[1]).double()
-                                                ).view(-1)[indices.long()], rtol=1e-5, atol=1e-5)
-    assert not torch.equal(low, exact), "the bf16 GEMM was not used"
+    torch.testing.assert_close(low_grad.double(), rounded, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(autocast_grad, low_grad, rtol=0, atol=0)  # same operands
+    full = left.reshape(-1, shape[0]).double().T @ right.reshape(-1, shape[1]).double()
+    torch.testing.assert_close(exact_grad.double(), full.view(-1)[indices.long()],
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.equal(low_grad, exact_grad), "the bf16 GEMM was not used"
 
 
 def test_a_second_derivative_through_the_op_is_refused():

@@ -656,7 +656,9 @@ class SparseDeltaLinearFn(torch.autograd.Function):
         saved_x = x if ctx.needs_input_grad[1] else None
         if lines is not None:
             saved_x = x.reshape(-1, x.shape[-1]).index_select(1, lines)
-            saved_x = saved_x.to(gemm_dtype_for(x.dtype, grad_dtype) or x.dtype)
+            # out's dtype is what grad_out will have, and what backward picks the GEMM by
+            # (bf16 under autocast even for a float32 x)
+            saved_x = saved_x.to(gemm_dtype_for(out.dtype, grad_dtype) or x.dtype)
         ctx.save_for_backward(saved_x, values, indices)
         return out
 
